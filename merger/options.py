@@ -48,11 +48,9 @@ class MergeOptions:
     )
     max_memory: str | None = _opt(
         None,
-        "per-device memory limits for the peft engine's device map, e.g. '0=20GiB,cpu=60GiB'",
+        "per-device memory limits for the peft engine's device map (auto), e.g. '0=20GiB,cpu=60GiB'; "
+        "a model that would not fit is refused up front (disk offload is not merged correctly by PEFT)",
         metavar="LIMITS",
-    )
-    offload_dir: str | None = _opt(
-        None, "folder for weights the peft engine's device map offloads to disk", metavar="DIR"
     )
     max_shard_size: str = _opt("5GB", "largest output shard, e.g. 5GB, 500MB", metavar="SIZE")
     tokenizer: str = _opt(
@@ -102,6 +100,16 @@ class MergeOptions:
             raise OptionsError(
                 f"option device: {self.device!r} is not auto, cpu, cuda or cuda:N"
             )
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device_map):
+            raise OptionsError(
+                f"option device_map: {self.device_map!r} is not auto, cpu, cuda or cuda:N"
+            )
+        if self.max_memory and self.device_map != "auto":
+            raise OptionsError(
+                f"option max_memory: it limits --device-map auto, not {self.device_map!r}; "
+                "drop it or use --device-map auto"
+            )
+        parse_max_memory(self.max_memory)
         parse_size(self.max_shard_size)
 
     @classmethod
@@ -145,16 +153,32 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
+    """'0=20GiB,cpu=60GiB' -> {0: 21474836480, 'cpu': 64424509440}: accelerate's max_memory."""
+    if not text:
+        return None
+    limits: dict[int | str, int] = {}
+    for part in str(text).split(","):
+        device, _, amount = (s.strip() for s in part.partition("="))
+        if not re.fullmatch(r"\d+|cpu|cuda:\d+|mps|xpu:\d+", device) or not amount:
+            raise OptionsError(
+                f"option max_memory: {part.strip()!r} in {text!r} is not DEVICE=SIZE; "
+                "write GPU indices and cpu, e.g. 0=20GiB,cpu=60GiB"
+            )
+        limits[int(device) if device.isdigit() else device] = parse_size(amount, "max_memory")
+    return limits
+
+
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, option: str = "max_shard_size") -> int:
     """'5GB' -> 5_000_000_000 bytes, '500MiB' -> 524_288_000; ints pass through."""
     if isinstance(text, int):
         return text
     match = _SIZE.match(str(text))
     if not match:
-        raise OptionsError(f"option max_shard_size: {text!r} is not a size like 5GB or 500MB")
+        raise OptionsError(f"option {option}: {text!r} is not a size like 5GB or 500MB")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     power = " KMGT".index(unit.upper() or " ")

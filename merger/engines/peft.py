@@ -11,42 +11,52 @@ from pathlib import Path
 
 from ..errors import IncompatibleError, UnsupportedError
 from ..lora import grow_rows
-from ..options import parse_size
+from ..options import MergeOptions, parse_max_memory, parse_size
 from ..plan import MergePlan
 
 log = logging.getLogger(__name__)
 
 
-def parse_max_memory(text: str | None) -> dict | None:
-    """'0=20GiB,cpu=60GiB' -> {0: '20GiB', 'cpu': '60GiB'} (accelerate's max_memory)."""
-    if not text:
-        return None
-    limits = {}
-    for part in text.split(","):
-        device, _, amount = part.partition("=")
-        if not amount:
-            raise IncompatibleError(f"--max-memory {text!r}: expected DEVICE=SIZE pairs like 0=20GiB,cpu=60GiB")
-        device = device.strip()
-        limits[int(device) if device.isdigit() else device] = amount.strip()
-    return limits
+def device_map_kwargs(plan: MergePlan, cls, load_dtype) -> dict:
+    """from_pretrained's placement arguments for the chosen --device-map.
 
-
-def device_map_kwargs(plan: MergePlan) -> dict:
+    ``auto`` spreads the model over the GPUs (then the CPU) when there are any; with --max-memory
+    it also places it without a GPU, so the limits are never silently ignored.
+    """
     import torch
 
-    choice = plan.options.device_map
-    if choice == "auto" and not torch.cuda.is_available():
-        return {}
-    if choice == "cpu":
+    options = plan.options
+    choice = options.device_map
+    if choice == "cpu" or (choice == "auto" and not options.max_memory and not torch.cuda.is_available()):
         return {}
     if choice.startswith("cuda") and not torch.cuda.is_available():
         raise UnsupportedError(f"--device-map {choice}: no CUDA GPU is visible to torch; use --device-map cpu")
-    kwargs: dict = {"device_map": "auto" if choice == "auto" else {"": choice}}
-    if plan.options.max_memory:
-        kwargs["max_memory"] = parse_max_memory(plan.options.max_memory)
-    if plan.options.offload_dir:
-        kwargs["offload_folder"] = plan.options.offload_dir
-    return kwargs
+    if choice != "auto":
+        return {"device_map": {"": choice}}
+    from .placement import auto_device_map
+
+    device_map = auto_device_map(_meta_model(plan, cls), parse_max_memory(options.max_memory), load_dtype)
+    log.debug("device map: %s", dict(device_map))
+    return {"device_map": device_map}
+
+
+def _spans_devices(placement: dict) -> bool:
+    device_map = placement.get("device_map")
+    return isinstance(device_map, dict) and len(set(device_map.values())) > 1
+
+
+def _meta_model(plan: MergePlan, cls):
+    """The base model with no weights, for placement arithmetic."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(plan.base.folder), trust_remote_code=plan.options.trust_remote_code)
+    for key, value in plan.layout.config_overrides.items():
+        setattr(config, key, value)
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(config, trust_remote_code=plan.options.trust_remote_code)
+        return cls._from_config(config)
 
 
 def load_base(plan: MergePlan):
@@ -59,9 +69,14 @@ def load_base(plan: MergePlan):
 
         cls = getattr(transformers, TASK_AUTO_CLASSES.get(str(plan.adapter.task_type or "").upper(), "AutoModelForCausalLM"))
     load_dtype = getattr(torch, plan.base.dtype if plan.base.dtype in ("float32", "bfloat16", "float16") else "float32")
+    placement = device_map_kwargs(plan, cls, load_dtype)
+    if _spans_devices(placement):
+        # accelerate cannot cast a model it dispatched over several devices: load in the output
+        # dtype instead (the merge then runs in it, as PEFT's would)
+        load_dtype = getattr(torch, plan.dtype)
     model = cls.from_pretrained(
         str(plan.base.folder), dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
-        **plan.layout.config_overrides, **device_map_kwargs(plan),
+        **plan.layout.config_overrides, **placement,
     )
     model.eval()
     return model
@@ -149,7 +164,8 @@ def execute_peft(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
     _set_tie(merged, plan.tie_word_embeddings)
     if plan.tie_word_embeddings:
         merged.tie_weights()
-    merged.to(getattr(torch, plan.dtype))
+    if next(merged.parameters()).dtype != getattr(torch, plan.dtype):
+        merged.to(getattr(torch, plan.dtype))
     merged.config.vocab_size = plan.embed.rows if plan.embed else merged.config.vocab_size
     merged.save_pretrained(str(out_dir), max_shard_size=parse_size(plan.options.max_shard_size), safe_serialization=True)
     if progress:
