@@ -37,7 +37,9 @@ def dora_weight(weight, delta, magnitude, fan_in_fan_out: bool = False):
     """DoRA's merged weight: magnitude · (W + ΔW) / ‖W + ΔW‖, the norm taken per output row.
 
     Both ``weight`` and ``delta`` are in the module's storage layout; the norm is over the input
-    dimension as PEFT computes it (after undoing the Conv1D transpose).
+    dimension as PEFT computes it (after undoing the Conv1D transpose). PEFT treats an Embedding
+    (num, dim) the same way as a Conv1D, so its magnitude has one entry per embedding dimension
+    and each column is normalised over all rows: pass ``fan_in_fan_out=True`` for both.
     """
     combined = weight.float() + delta
     oriented = combined.T if fan_in_fan_out else combined

@@ -317,7 +317,8 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
 
     def make_op(out_key: str, module: str | None, param: str, base_key: str | None, base_shape) -> TensorOp:
         roles = by_module.get(module, {}) if module else {}
-        decision = vocab_for(module) if param == "weight" else None
+        # a head's bias has one entry per vocabulary row (Phi, some GPT-2 variants): it grows with the head
+        decision = vocab_for(module) if param == "weight" or (param == "bias" and module == head_mod) else None
         rows = decision.rows if decision else None
         shape = tuple(base_shape) if base_shape is not None else None
         replace = roles.get("full_weight" if param == "weight" else "full_bias")
@@ -495,6 +496,4 @@ def _stream_blockers(layout: ModelLayout, adapter: AdapterInfo) -> list[str]:
     blockers = []
     if layout.key_layout_problem:
         blockers.append(layout.key_layout_problem)
-    if adapter.use_dora and any(k.role == "lora_magnitude" and layout.modules.get(k.module, None) and layout.modules[k.module].kind == "embedding" for k in adapter.keys):
-        blockers.append("DoRA on an embedding")
     return blockers

@@ -374,6 +374,29 @@ def bf16_sharded(root: Path) -> Scenario:
                   expect_rows=72, expect_tied=False)
 
 
+def phi_head_bias(root: Path) -> Scenario:
+    from transformers import PhiConfig, PhiForCausalLM
+
+    # Phi's lm_head has a bias, one logit offset per vocabulary row: it grows with the head
+    config = PhiConfig(vocab_size=64, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS,
+                       num_attention_heads=HEADS, max_position_embeddings=64, bos_token_id=1, eos_token_id=2)
+    return _build(root, name="phi_head_bias",
+                  description="Phi (lm_head with a bias), +3 tokens padded to 8, embed+head in modules_to_save",
+                  make_model=lambda: PhiForCausalLM(config), base_tokens=64, specials=("<|user|>", "<|end|>"),
+                  words=("tool",), pad_to_multiple_of=8,
+                  lora=dict(target_modules=["q_proj", "v_proj", "dense", "fc1", "fc2"], modules_to_save=EMBED_AND_HEAD),
+                  expect_rows=72, expect_tied=False)
+
+
+def dora_on_embedding(root: Path) -> Scenario:
+    # PEFT normalises an embedding's DoRA update per embedding dimension, over every row
+    return _build(root, name="dora_on_embedding",
+                  description="DoRA on embed_tokens and q/v (LoRA on the embedding itself), lm_head trained whole, +2 tokens",
+                  make_model=_llama(64), base_tokens=64, specials=("<a>", "<b>"),
+                  lora=dict(target_modules=["embed_tokens", "q_proj", "v_proj"], use_dora=True, modules_to_save=["lm_head"]),
+                  expect_rows=66, expect_tied=False)
+
+
 def no_vocab_change(root: Path) -> Scenario:
     return _build(root, name="no_vocab_change",
                   description="tied base, plain LoRA on q/v, no tokens added",
@@ -384,7 +407,7 @@ def no_vocab_change(root: Path) -> Scenario:
 SCENARIOS: dict[str, Callable[[Path], Scenario]] = {f.__name__: f for f in (
     llama_untied_plus3, autotrain_pad16, llamafactory_pad64, medicalgpt_extended, qwen_padded_base,
     tied_diverged, tied_still_tied, tied_embed_only_trained, lora_on_embed_and_head, trainable_tokens_untied, trainable_tokens_tied,
-    llava_text_config, dora_rslora, gpt2_conv1d, bf16_sharded, no_vocab_change,
+    llava_text_config, dora_rslora, gpt2_conv1d, bf16_sharded, no_vocab_change, phi_head_bias, dora_on_embedding,
 )}
 
 

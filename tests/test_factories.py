@@ -20,7 +20,7 @@ from .factories import (
 NAMES = list(SCENARIOS)
 RESIZED = ["llama_untied_plus3", "autotrain_pad16", "llamafactory_pad64", "medicalgpt_extended", "tied_diverged",
            "tied_still_tied", "tied_embed_only_trained", "lora_on_embed_and_head", "trainable_tokens_untied",
-           "trainable_tokens_tied", "llava_text_config", "gpt2_conv1d", "bf16_sharded"]
+           "trainable_tokens_tied", "llava_text_config", "gpt2_conv1d", "bf16_sharded", "phi_head_bias", "dora_on_embedding"]
 P = "base_model.model."
 
 

@@ -71,3 +71,22 @@ def test_matches_peft_dora_merge():
     got = dora_weight(base, delta, layer.lora_magnitude_vector["default"].weight.detach())
     layer.merge()
     torch.testing.assert_close(got, layer.base_layer.weight.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_matches_peft_dora_embedding_merge():
+    # PEFT normalises an Embedding (num, dim) per dimension over all rows, as it does a Conv1D
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Embedding(7, 4))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True, init_lora_weights=False))
+    layer = peft.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
+    magnitude = layer.lora_magnitude_vector["default"].weight.detach()
+    assert magnitude.shape == (4,)
+    base = layer.base_layer.weight.detach().clone()
+    delta = embedding_delta(layer.lora_embedding_A["default"], layer.lora_embedding_B["default"], layer.scaling["default"])
+    got = dora_weight(base, delta, magnitude, fan_in_fan_out=True)
+    layer.merge()
+    torch.testing.assert_close(got, layer.base_layer.weight.detach(), rtol=1e-5, atol=1e-6)

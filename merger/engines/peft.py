@@ -97,6 +97,7 @@ def resize_like_plan(model, plan: MergePlan) -> None:
         return
     old_embed = embed.weight.detach().clone()
     old_head = head.weight.detach().clone() if head is not None and head.weight is not embed.weight else None
+    old_bias = head.bias.detach().clone() if head is not None and getattr(head, "bias", None) is not None else None
     model.resize_token_embeddings(plan.embed.rows, mean_resizing=False)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
@@ -104,6 +105,8 @@ def resize_like_plan(model, plan: MergePlan) -> None:
         embed.weight.copy_(grow_rows(old_embed, plan.embed.rows, plan.options.new_rows))
         if old_head is not None:
             head.weight.copy_(grow_rows(old_head, plan.head.rows, plan.options.new_rows))
+        if old_bias is not None:  # one logit bias per row: grown by the same rule as the rows
+            head.bias.copy_(grow_rows(old_bias, plan.head.rows, plan.options.new_rows))
 
 
 def untie_head(peft_model, plan: MergePlan) -> None:

@@ -342,9 +342,9 @@ class OpRunner:
             if kind == "linear":  # DoRA's norm is per output row, so row blocks are exact
                 delta = linear_delta(a, b[i:j], scale)
                 work.copy_(dora_weight(work, delta, magnitude[i:j]))
-            else:  # Conv1D/embedding DoRA needs whole columns: this op runs as a single block
+            else:  # Conv1D/embedding DoRA normalises whole columns: this op runs as a single block
                 delta = embedding_delta(a, b, scale) if kind == "embedding" else linear_delta(a, b, scale, True)
-                work.copy_(dora_weight(work, delta, magnitude, fan_in_fan_out=kind == "conv1d"))
+                work.copy_(dora_weight(work, delta, magnitude, fan_in_fan_out=True))
             return
         # one fused in-place GEMM per block: no temporary the size of the weight
         if kind == "linear":  # W (out, in) += s · B (out, r) @ A (r, in)
