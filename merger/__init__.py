@@ -14,6 +14,7 @@ from .errors import (
     InputNotFoundError,
     MergerError,
     OptionsError,
+    OutputError,
     OutputExistsError,
     UnsupportedError,
     ValidationFailedError,
@@ -26,7 +27,7 @@ __all__ = [
     "merge_adapter", "inspect_adapter", "validate_checkpoint", "merge_peft_model", "MergeAdapterCallback",
     "MergeOptions", "MergeResult",
     "MergerError", "AdapterError", "CheckpointError", "IncompatibleError", "InputNotFoundError",
-    "OptionsError", "OutputExistsError", "UnsupportedError", "ValidationFailedError",
+    "OptionsError", "OutputError", "OutputExistsError", "UnsupportedError", "ValidationFailedError",
 ]
 
 if TYPE_CHECKING:

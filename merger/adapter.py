@@ -106,6 +106,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         config = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AdapterError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix or re-save the file") from None
+    except UnicodeDecodeError as exc:
+        raise AdapterError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); it is not a JSON config, re-save the adapter") from None
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object, found {type(config).__name__}")
     if "peft_type" not in config:
@@ -127,11 +129,29 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
         if config.get(name):
             raise UnsupportedError(f"{path}: {name}={config[name]!r} cannot be merged into plain weights: {reason}")
     if peft_type == "LORA":
-        missing = [k for k in ("r", "target_modules") if k not in config]
-        if "r" in missing:
+        if "r" not in config:
             raise AdapterError(f"{path}: LoRA config lacks 'r'; it is not a complete PEFT LoraConfig")
+        _check_value_types(config, path)
     unknown = sorted(set(config) - _KNOWN_FIELDS)
     return [f"{path.name}: unknown keys {', '.join(unknown)} (from a newer PEFT?); merged by the known ones"] if unknown else []
+
+
+def _check_value_types(config: dict[str, Any], path: Path) -> None:
+    """The LoRA fields the arithmetic uses must have PEFT's types: a hand-edited "16" would divide."""
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    expected = {
+        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
+        "lora_alpha": (number, "a number"),
+        "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, int) and x > 0 for x in v.values())), "a mapping of module pattern to positive integer"),
+        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(number(x) for x in v.values())), "a mapping of module pattern to number"),
+        "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names or a regex string"),
+        "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names"),
+    }
+    for key, (ok, what) in expected.items():
+        if key in config and not ok(config[key]):
+            raise AdapterError(f"{path}: {key} is {config[key]!r} but PEFT writes {what} there; fix the value or re-save the adapter")
 
 
 def read_adapter_tensors(folder: Path) -> tuple[str, dict[str, TensorMeta]]:

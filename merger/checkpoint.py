@@ -78,6 +78,8 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: malformed {what} JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix or re-download it") from None
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}), so not a {what} JSON file; re-download it") from None
 
 
 def _shard_files(folder: Path) -> tuple[str, list[str], dict]:

@@ -8,7 +8,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import MergerError, OutputExistsError
+from .errors import MergerError, OutputError, OutputExistsError
 
 
 def check_output_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
@@ -26,7 +26,10 @@ def check_output_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 def check_free_space(out: Path, needed: int) -> None:
     parent = out.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
+        raise OutputError(f"--out {out}: cannot create its parent folder {parent} ({exc.strerror or type(exc).__name__}); choose another location") from None
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise MergerError(f"--out {out}: the merged checkpoint needs about {needed / 1e9:.1f} GB but {parent} has {free / 1e9:.1f} GB free; free space or choose another disk")
@@ -37,7 +40,11 @@ def staging_folder(out: Path):
     """Yield a fresh folder beside ``out``; it is removed unless ``promote`` moved it into place."""
     out = out.resolve()
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise OutputError(f"--out {out}: cannot write in {out.parent} ({exc.strerror or type(exc).__name__}); "
+                                "choose a folder you can write to") from None
     try:
         yield tmp
     finally:

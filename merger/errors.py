@@ -54,6 +54,10 @@ class OutputExistsError(MergerError, FileExistsError):
     """The output folder exists and is not empty, and overwrite was not asked for."""
 
 
+class OutputError(MergerError, PermissionError):
+    """OUT cannot be written where it was asked for (a file in the way, no permission, read-only)."""
+
+
 class ValidationFailedError(MergerError):
     """The merged checkpoint was written but failed validation; it was not committed."""
 

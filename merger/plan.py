@@ -163,6 +163,8 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     quantized = _quantization_problem(base, adapter)
     if quantized:
         problems.append(quantized)
+    else:
+        problems.extend(_base_shape_problems(base, layout))
 
     embed_mod, head_mod = layout.embed_module, layout.head_module
     embed_w = f"{embed_mod}.weight" if embed_mod else None
@@ -304,6 +306,10 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             return None
         alpha = pattern_value(config.get("alpha_pattern"), module, scale_cfg["alpha"])
         rank = pattern_value(config.get("rank_pattern"), module, scale_cfg["r"]) or a.shape[0]
+        if a.shape[0] != rank:  # PEFT would refuse to load it; its scale alpha/r would be wrong here
+            problems.append(f"{a_key}: rank {a.shape[0]} but adapter_config.json gives this module r={rank} "
+                            "(r, or its rank_pattern entry): the config and the weights disagree; re-save the adapter")
+            return None
         magnitude = roles.get("lora_magnitude")
         add_usage([a_key, b_key] + ([magnitude] if magnitude else []), module)
         return LoraDelta(a_key, b_key, lora_scale(alpha, rank, adapter.use_rslora), kind, magnitude)
@@ -425,6 +431,30 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
     return MergePlan(base, adapter, layout, options, embed, head, tie, dtype, tuple(ops), edits,
                      tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems))
+
+
+def _base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]:
+    """Base tensors whose shapes disagree with the model its config.json describes.
+
+    The vocabulary dimension is exempt: the rows are read from the tensors themselves and the
+    config's vocab_size follows them.
+    """
+    vocab_params = {f"{m}.{p}" for m in (layout.embed_module, layout.head_module) if m for p in ("weight", "bias")}
+    wrong = []
+    for key, meta in base.tensors.items():
+        model_key = layout.to_model_key.get(key, key)
+        expected = layout.param_shapes.get(model_key)
+        if expected is None or tuple(meta.shape) == tuple(expected):
+            continue
+        if model_key in vocab_params and tuple(meta.shape[1:]) == tuple(expected[1:]):
+            continue
+        wrong.append(f"{key} {list(meta.shape)} (config: {list(expected)})")
+    if not wrong:
+        return []
+    count = "1 base tensor does not have the shape" if len(wrong) == 1 else f"{len(wrong)} base tensors do not have the shapes"
+    return [f"{base.folder}: {count} its config.json describes "
+            f"({'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}); the weights belong to another model size: "
+            "put the matching config.json beside them or re-download the base"]
 
 
 def _prefer(first: str, second: str) -> tuple[str, str]:

@@ -8,6 +8,11 @@ from pathlib import Path
 
 from .errors import InputNotFoundError
 
+_FOLDER_OF = {
+    "adapter": "folder that holds adapter_config.json",
+    "base": "base model's folder (the one with config.json)",
+    "out": "merged checkpoint's folder",
+}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -15,6 +20,8 @@ def resolve_folder(source: str | os.PathLike, role: str) -> Path:
     """A local folder as is; 'owner/name' from the Hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
     path = Path(source).expanduser()
     if path.exists():
+        if not path.is_dir():
+            raise InputNotFoundError(f"--{role} {path}: is a file, not a folder; pass the {_FOLDER_OF[role]}")
         return path
     text = str(source)
     if not _REPO_ID.match(text):

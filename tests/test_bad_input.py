@@ -1,12 +1,14 @@
 """Bad input: one line on stderr (what, where, found vs expected, what to do), exit 2, nothing written."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from merger.cli import main
 from merger.demo import build_demo_pair
@@ -231,3 +233,96 @@ def test_base_defaults_to_the_adapters_recorded_base(copies, tmp_path, capsys):
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     code, _, err = run_cli(capsys, "--adapter", adapter, "--out", tmp_path / "out2")
     assert_one_line_error(code, err, "--base was not given", "names no base_model_name_or_path; pass --base")
+
+
+@pytest.mark.parametrize(("which", "fragments"), [
+    ("adapter", ["adapter_config.json: not UTF-8 text (byte 0 is 0xff)", "re-save the adapter"]),
+    ("base", ["config.json: not UTF-8 text (byte 0 is 0xff), so not a config JSON file", "re-download it"]),
+])
+def test_config_that_is_not_text(copies, tmp_path, capsys, which, fragments):
+    base, adapter = copies
+    target = adapter / "adapter_config.json" if which == "adapter" else base / "config.json"
+    target.write_bytes(b"\xff\xfe\x00garbage")
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, str(target), *fragments)
+    nothing_written(out)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("r", "8", "r is '8' but PEFT writes a positive integer there"),
+    ("r", 0, "r is 0 but PEFT writes a positive integer there"),
+    ("lora_alpha", "sixteen", "lora_alpha is 'sixteen' but PEFT writes a number there"),
+    ("rank_pattern", {"q_proj": "4"}, "rank_pattern is {'q_proj': '4'} but PEFT writes a mapping of module pattern to positive integer there"),
+    ("target_modules", 7, "target_modules is 7 but PEFT writes a list of module names or a regex string there"),
+])
+def test_config_values_of_the_wrong_type(copies, tmp_path, capsys, key, value, expected):
+    base, adapter = copies
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config[key] = value
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, f"adapter_config.json: {expected}; fix the value or re-save the adapter")
+    nothing_written(out)
+
+
+def test_rank_that_disagrees_with_the_weights(copies, tmp_path, capsys):
+    base, adapter = copies
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"] = 4  # the demo adapter was trained with r=8
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, "lora_A.weight: rank 8 but adapter_config.json gives this module r=4",
+                          "the config and the weights disagree; re-save the adapter", "more problems; merge-adapter inspect lists them")
+    nothing_written(out)
+
+
+def test_base_weights_of_another_size_than_their_config(copies, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    weights = load_file(base / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"] = torch.zeros(48, 32)  # config: intermediate 64
+    save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, f"{base}: 1 base tensor does not have the shape its config.json describes "
+                          "(model.layers.0.mlp.up_proj.weight [48, 32] (config: [64, 32])); the weights belong to another model size")
+    nothing_written(out)
+
+
+@pytest.mark.parametrize("which", ["base", "adapter"])
+def test_a_file_given_for_a_folder(copies, tmp_path, capsys, which):
+    base, adapter = copies
+    a_file = tmp_path / "model.safetensors"
+    a_file.write_bytes(b"x")
+    args = {"base": base, "adapter": adapter, which: a_file}
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "--base", args["base"], "--adapter", args["adapter"], "--out", out)
+    assert_one_line_error(code, err, f"--{which} {a_file}: is a file, not a folder; pass the")
+    nothing_written(out)
+
+
+def test_out_under_a_file(copies, tmp_path, capsys):
+    base, adapter = copies
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "merged"
+    code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
+    assert_one_line_error(code, err, f"--out {out}: cannot create its parent folder {tmp_path / 'afile'}", "choose another location")
+    assert (tmp_path / "afile").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_out_in_a_read_only_folder(copies, tmp_path, capsys):
+    base, adapter = copies
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", locked / "merged")
+    finally:
+        locked.chmod(0o755)
+    assert_one_line_error(code, err, f"--out {locked / 'merged'}: cannot write in {locked}", "choose a folder you can write to")
+    assert list(locked.iterdir()) == []
