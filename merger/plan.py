@@ -8,7 +8,7 @@ the same plan; inspection prints it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 from .adapter import AdapterInfo
@@ -440,11 +440,12 @@ def _base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]
     config's vocab_size follows them.
     """
     vocab_params = {f"{m}.{p}" for m in (layout.embed_module, layout.head_module) if m for p in ("weight", "bias")}
+    model_keys = [layout.to_model_key.get(key, key) for key in base.tensors]
+    fused = {k for k, n in Counter(model_keys).items() if n > 1}  # per-expert tensors transformers stacks on load
     wrong = []
-    for key, meta in base.tensors.items():
-        model_key = layout.to_model_key.get(key, key)
+    for (key, meta), model_key in zip(base.tensors.items(), model_keys, strict=True):
         expected = layout.param_shapes.get(model_key)
-        if expected is None or tuple(meta.shape) == tuple(expected):
+        if expected is None or model_key in fused or tuple(meta.shape) == tuple(expected):
             continue
         if model_key in vocab_params and tuple(meta.shape[1:]) == tuple(expected[1:]):
             continue

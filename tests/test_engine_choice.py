@@ -76,3 +76,36 @@ def test_merge_report_records_inputs_and_results(pair, tmp_path):
     assert report["engine"]["name"] == "stream" and report["versions"]["peft"]
     assert report["validation"]["ok"] and report["validation"]["metrics"]["max_rel_error_logits"] < 1e-4
     assert report["plan"]["embed"]["rows"] == 80 == result.plan.embed.rows
+
+
+@pytest.fixture(scope="module")
+def moe_scenario(tmp_path_factory):
+    """Qwen2-MoE: the checkpoint stores each expert apart and transformers stacks them on load."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    from .factories import EMBED_AND_HEAD, _build
+
+    config = Qwen2MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
+                            shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            tie_word_embeddings=False, max_position_embeddings=64)
+    return _build(tmp_path_factory.mktemp("moe"), name="moe", description="Qwen2-MoE, +2 tokens, LoRA on attention",
+                  make_model=lambda: Qwen2MoeForCausalLM(config), base_tokens=64, specials=("<a>", "<b>"),
+                  lora=dict(target_modules=["q_proj", "v_proj"], modules_to_save=EMBED_AND_HEAD),
+                  expect_rows=66, expect_tied=False)
+
+
+def test_moe_experts_stacked_on_load_go_to_peft_and_match_it(moe_scenario, tmp_path):
+    from .factories import model_class, reference_logits, sample_input_ids
+
+    sc = moe_scenario
+    with pytest.raises(UnsupportedError, match=r"is converted \(not just renamed\) when transformers loads it\); use --engine peft"):
+        merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "stream", engine="stream")
+    result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out", validate="full")
+    assert result.engine == "peft" and "converted" in result.engine_reason and result.validation.ok
+    ids = sample_input_ids(sc)
+    merged = model_class(result.out).from_pretrained(result.out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    # fp32, the same sums in another order: see tests/test_merge_cases.py
+    torch.testing.assert_close(got, reference_logits(sc, ids), rtol=1e-5, atol=1e-5)
