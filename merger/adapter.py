@@ -25,7 +25,6 @@ PROMPT_LEARNING = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROM
 _REFUSED_LORA_FIELDS = {
     "layer_replication": "it duplicates layers at load time",
     "use_qalora": "QALoRA merges into quantized group weights",
-    "target_parameters": "LoRA on raw nn.Parameters (e.g. MoE experts) is not supported yet",
     "alora_invocation_tokens": "activated LoRA only applies after its invocation tokens, so it cannot be merged",
 }
 # the fields LoraConfig has had; anything else comes from a newer PEFT and only earns a warning

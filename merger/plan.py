@@ -46,10 +46,11 @@ class TensorOp:
     token_indices: tuple[int, ...] = ()
     lora: LoraDelta | None = None
     cast: bool = True  # floating tensors take the output dtype
+    parameter_lora: bool = False  # LoRA on this raw parameter, merged by PEFT (see MergePlan.parameter_lora)
 
     @property
     def action(self) -> str:
-        if self.lora:
+        if self.lora or self.parameter_lora:
             return "lora-merged"
         if self.replace_key:
             return "replaced"
@@ -78,6 +79,9 @@ class MergePlan:
     notes: tuple[str, ...] = field(default=())
     stream_blockers: tuple[str, ...] = field(default=())
     problems: tuple[str, ...] = field(default=())  # non-empty: the merge is refused
+    # modules whose raw parameters carry LoRA (target_parameters, e.g. stacked MoE experts): only
+    # PEFT knows how its wrapper reshapes them, so the peft engine merges them and validation checks logits
+    parameter_lora: tuple[str, ...] = field(default=())
 
     @property
     def stories(self) -> list[str]:
@@ -136,7 +140,13 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     by_module: dict[str, dict[str, str]] = defaultdict(dict)
     usage: dict[str, str] = {}
     absent: list[str] = []
+    parameter_lora: set[str] = set()
     for key in adapter.keys:
+        owner = _parameter_lora_owner(key, layout, config)
+        if owner is not None:
+            usage[key.key] = f"parameter LoRA on {owner} (merged by PEFT)"
+            parameter_lora.add(owner)
+            continue
         module = resolve_module(layout, key.module)
         if module is None and key.role in ("full_weight", "full_bias") and module_leaf(key.module) in CLASSIFIER_HEADS:
             module = key.module  # a new task head (a classifier's 'score') the base lacks
@@ -361,12 +371,16 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         return TensorOp(out_key, shape, base_key, replace, grow_from, token_key, tuple(indices), lora,
                         cast=base_key is None or base.tensors[base_key].dtype in FLOAT_TAGS)
 
+    targeted_params = tuple(config.get("target_parameters") or ())
     for ckpt_key, meta in base.tensors.items():
         model_key = layout.to_model_key.get(ckpt_key, ckpt_key)
         module, _, param = model_key.rpartition(".")
         if base_tied and head_w and model_key == head_w:
             continue  # a stored copy of a tied head: written below only if the output unties
-        ops.append(make_op(ckpt_key, module, param, ckpt_key, meta.shape))
+        op = make_op(ckpt_key, module, param, ckpt_key, meta.shape)
+        if module in parameter_lora and any(model_key == t or model_key.endswith("." + t) for t in targeted_params):
+            op = replace(op, parameter_lora=True)
+        ops.append(op)
         seen_out.add(ckpt_key)
 
     # the head, when the base stored it tied and the output unties it
@@ -427,10 +441,34 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         notes.append(f"target_modules entries that match nothing in the base: {', '.join(unmatched)}")
     tok_source, tok_reason = _choose_tokenizer(base, adapter, options)
     blockers = _stream_blockers(layout, adapter)
+    if parameter_lora:
+        targets = ", ".join(config.get("target_parameters") or [])
+        blockers.append(f"LoRA on raw parameters (target_parameters: {targets}) is merged by PEFT itself")
+        notes.append(f"{len(parameter_lora)} modules carry LoRA on raw parameters ({targets}); PEFT's merge_and_unload "
+                     "merges them, and validation compares the merged logits with base + unmerged adapter")
     # a quantized base, then shape mismatches: they say the most about what went wrong
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
     return MergePlan(base, adapter, layout, options, embed, head, tie, dtype, tuple(ops), edits,
-                     tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems))
+                     tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems),
+                     tuple(sorted(parameter_lora)))
+
+
+def _parameter_lora_owner(key, layout: ModelLayout, config: dict) -> str | None:
+    """The module whose raw parameter an adapter tensor adapts (PEFT's target_parameters), or None.
+
+    PEFT wraps such a module once per targeted parameter, nesting the wrappers, so the keys read
+    ``experts.lora_A.weight`` and ``experts.base_layer.lora_A.weight``.
+    """
+    if not config.get("target_parameters") or key.role not in ("lora_A", "lora_B"):
+        return None
+    module = key.module
+    while module.endswith(".base_layer"):
+        module = module[: -len(".base_layer")]
+    resolved = resolve_module(layout, module)
+    meta = layout.modules.get(resolved) if resolved else None
+    if meta is None or meta.kind != "other":
+        return None  # a LoRA pair on an ordinary layer
+    return resolved
 
 
 def _base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]:

@@ -92,7 +92,7 @@ def plan_summary(plan) -> dict:
         "tie_word_embeddings": plan.tie_word_embeddings,
         "dtype": plan.dtype,
         "operations": plan.op_counts(),
-        "lora_modules": sum(1 for op in plan.ops if op.lora),
+        "lora_modules": sum(1 for op in plan.ops if op.lora) + len(plan.parameter_lora),
         "config_edits": plan.config_edits,
         "tokenizer": {"source": plan.tokenizer_source, "reason": plan.tokenizer_reason},
         "notes": list(plan.notes),

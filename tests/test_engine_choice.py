@@ -109,3 +109,34 @@ def test_moe_experts_stacked_on_load_go_to_peft_and_match_it(moe_scenario, tmp_p
         got = merged(input_ids=ids).logits
     # fp32, the same sums in another order: see tests/test_merge_cases.py
     torch.testing.assert_close(got, reference_logits(sc, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_lora_on_stacked_moe_experts_is_merged_by_peft_and_proven_by_logits(tmp_path):
+    # transformers 5 keeps Mixtral's experts as stacked nn.Parameters; PEFT adapts them with
+    # target_parameters, saving keys like experts.lora_A.weight / experts.base_layer.lora_A.weight
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from .factories import _build, model_class, reference_logits, sample_input_ids
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+                           tie_word_embeddings=False, max_position_embeddings=64)
+    sc = _build(tmp_path / "pair", name="mixtral-experts", description="LoRA on q/v and on the stacked experts",
+                make_model=lambda: MixtralForCausalLM(config), base_tokens=64,
+                lora=dict(target_modules=["q_proj", "v_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+                expect_rows=64, expect_tied=False)
+    assert any(k.endswith("experts.base_layer.lora_A.weight") for k in sc.adapter_keys)
+
+    result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out")  # validate: the default, fast
+    assert result.engine == "peft" and "LoRA on raw parameters" in result.engine_reason
+    assert result.validation.mode == "full" and result.validation.metrics["logits_checked"] is True
+    assert len(result.plan.parameter_lora) == 2 and result.plan.op_counts()["lora-merged"] > 4
+    ids = sample_input_ids(sc)
+    merged = model_class(result.out).from_pretrained(result.out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = merged(input_ids=ids).logits
+    reference = reference_logits(sc, ids)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the experts' update matters: without it the logits are far off
+        plain = model_class(sc.base_dir).from_pretrained(sc.base_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (plain - reference).abs().max() > 1e-3
