@@ -14,7 +14,7 @@ from .errors import IncompatibleError, MergerError, ValidationFailedError
 from .facts import gather_facts
 from .options import MergeOptions
 from .plan import MergePlan, plan_merge
-from .sources import resolve_base, resolve_folder
+from .sources import check_tokenizer_source, resolve_base, resolve_folder
 from .validate import ValidationReport, validate_output
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
 def inspect_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, options: MergeOptions | None = None, **overrides) -> MergePlan:
     """Read both folders and decide the whole merge, writing nothing. Returns the MergePlan."""
     opts = _options(options, overrides)
+    check_tokenizer_source(opts.tokenizer)
     adapter_dir = resolve_folder(adapter, "adapter")
     facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code)
     return plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
@@ -92,6 +93,7 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     """
     started = time.monotonic()
     opts = _options(options, overrides)
+    check_tokenizer_source(opts.tokenizer)
     out = Path(out).expanduser()
     adapter_dir = resolve_folder(adapter, "adapter")
     base_dir = resolve_base(base, adapter_dir)

@@ -32,6 +32,7 @@ PROCESSOR_FILES = (
     "video_preprocessor_config.json", "feature_extractor_config.json",
 )
 CHAT_TEMPLATE_DIR = "additional_chat_templates"
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 # role of an adapter tensor, decided from the end of its key (longest suffixes first)
 _ROLE_SUFFIXES = (

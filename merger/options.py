@@ -84,15 +84,14 @@ class MergeOptions:
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise OptionsError(
                     f"option {f.name}: {value!r} is not one of {', '.join(choices)}"
                 )
-        if self.pad_to_multiple_of is not None and (
-            not isinstance(self.pad_to_multiple_of, int) or self.pad_to_multiple_of < 1
-        ):
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise OptionsError(
                 f"option pad_to_multiple_of: {self.pad_to_multiple_of!r} is not a positive integer"
             )
@@ -110,7 +109,8 @@ class MergeOptions:
                 "drop it or use --device-map auto"
             )
         parse_max_memory(self.max_memory)
-        parse_size(self.max_shard_size)
+        if parse_size(self.max_shard_size) <= 0:
+            raise OptionsError(f"option max_shard_size: {self.max_shard_size!r} is not a positive size like 5GB or 500MB")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "options") -> "MergeOptions":
@@ -127,10 +127,36 @@ class MergeOptions:
                 f"{source}: unknown option {', '.join(map(repr, unknown))}; "
                 f"known options are {', '.join(sorted(known))}"
             )
+        for key, value in normalized.items():
+            if value is False and "off" in (_field(key).metadata.get("choices") or ()):
+                normalized[key] = "off"  # YAML 1.1 reads a bare `off` as false
         return dataclasses.replace(self, **normalized)
 
     def replace(self, **changes) -> "MergeOptions":
         return dataclasses.replace(self, **changes)
+
+
+def _field(name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(MergeOptions) if f.name == name)
+
+
+def _check_type(f: dataclasses.Field, value) -> None:
+    """Values of the declared type only: a YAML "false" is a string, and a string is truthy."""
+    kind = str(f.type)
+    if kind == "bool":
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif "int" in kind:
+        ok = (value is None and "None" in kind) or (isinstance(value, int) and not isinstance(value, bool))
+        want = "a positive integer"
+    elif f.name == "max_shard_size":
+        ok = isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+        want = "a size like 5GB or 500MB"
+    else:
+        ok = isinstance(value, str) or (value is None and "None" in kind)
+        want = "a string"
+    if not ok:
+        raise OptionsError(f"option {f.name}: {value!r} is not {want}")
 
 
 def option_fields() -> list[dataclasses.Field]:

@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from .keys import ADAPTER_FILES, CHAT_TEMPLATE_DIR, CONFIG, GENERATION_CONFIG, PROCESSOR_FILES, TOKENIZER_FILES
+from .keys import ADAPTER_FILES, CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILES, CONFIG, GENERATION_CONFIG, PROCESSOR_FILES, TOKENIZER_FILES
 from .plan import MergePlan
 
 
@@ -52,12 +52,26 @@ def copy_tokenizer(plan: MergePlan, out_dir: Path) -> list[str]:
         if (source / CHAT_TEMPLATE_DIR).is_dir():
             shutil.copytree(source / CHAT_TEMPLATE_DIR, out_dir / CHAT_TEMPLATE_DIR)
             copied.append(CHAT_TEMPLATE_DIR)
-    # a VLM's image processor usually lives only in the base folder
+    # a VLM's image processor, and often its chat template, live only in the base folder
     for name in PROCESSOR_FILES:
         if name not in copied and (plan.base.folder / name).is_file():
             shutil.copyfile(plan.base.folder / name, out_dir / name)
             copied.append(name)
+    if not _has_chat_template(out_dir):
+        for name in CHAT_TEMPLATE_FILES:
+            if (plan.base.folder / name).is_file():
+                shutil.copyfile(plan.base.folder / name, out_dir / name)
+                copied.append(name)
     return copied
+
+
+def _has_chat_template(folder: Path) -> bool:
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES) or (folder / CHAT_TEMPLATE_DIR).is_dir():
+        return True
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def remove_adapter_leftovers(out_dir: Path) -> None:

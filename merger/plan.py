@@ -212,15 +212,16 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         return found, supplied
 
     tok_len = adapter.tokenizer.id_bound if adapter.tokenizer else None
+    base_tok_len = base.tokenizer.id_bound if base.tokenizer else None
     embed = head = None
     if embed_mod and embed_base_rows is not None:
         ev, supplied = evidence_for(embed_mod)
         embed = decide_side(module_leaf(embed_mod), embed_base_rows, ev, tok_len, options.pad_to_multiple_of,
-                            None if supplied is None else supplied)
+                            None if supplied is None else supplied, base_tok_len)
     if head_mod and head_base_rows is not None and embed is not None:
         ev, supplied = evidence_for(head_mod)
         own = decide_side(module_leaf(head_mod), head_base_rows, ev, tok_len, options.pad_to_multiple_of,
-                          None if supplied is None else supplied)
+                          None if supplied is None else supplied, base_tok_len)
         if own.source != "adapter" and embed.rows != own.rows:
             head = follow_other_side(module_leaf(head_mod), head_base_rows, embed, tok_len, supplied)
         elif own.source == "adapter" and embed.source != "adapter" and own.rows != embed.rows:
@@ -235,7 +236,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
                 "a checkpoint with different sizes cannot be loaded by from_pretrained"
             )
     for decision in (embed, head):
-        if decision and decision.source == "adapter" and decision.tokenizer_len and decision.rows < decision.tokenizer_len:
+        inherited = bool(decision and base_tok_len and decision.tokenizer_len and decision.tokenizer_len <= base_tok_len
+                         and decision.rows >= decision.base_rows)  # the base itself has ids without rows
+        if decision and decision.source == "adapter" and decision.tokenizer_len and decision.rows < decision.tokenizer_len and not inherited:
             problems.append(
                 f"the adapter's tokenizer has ids up to {decision.tokenizer_len - 1} but {decision.name} has "
                 f"{decision.rows} rows: ids {decision.rows}-{decision.tokenizer_len - 1} would index past the matrix; "

@@ -56,3 +56,17 @@ def resolve_base(base: str | os.PathLike | None, adapter_dir: Path) -> Path:
     if not path.is_absolute() and not path.exists() and (adapter_dir / recorded).exists():
         path = adapter_dir / recorded  # saved relative to the adapter
     return resolve_folder(path if path.exists() else recorded, "base")
+
+
+def check_tokenizer_source(choice: str) -> None:
+    """--tokenizer FOLDER must name a folder with a tokenizer in it: a typo must not ship a model without one."""
+    if choice in ("auto", "adapter", "base"):
+        return
+    from .tokenizer_facts import has_tokenizer
+
+    path = Path(choice).expanduser()
+    if not path.is_dir():
+        raise InputNotFoundError(f"--tokenizer {choice}: no such folder; pass auto, adapter, base or a folder with tokenizer files")
+    if not has_tokenizer(path):
+        raise InputNotFoundError(f"--tokenizer {choice}: the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "
+                                 "pass the folder the tokenizer was saved to")

@@ -46,8 +46,15 @@ def has_vocabulary(folder: Path) -> bool:
     return any((folder / n).is_file() for n in VOCAB_FILES)
 
 
+# a folder with any of these holds a tokenizer, whole or partial: some trainers save only
+# added_tokens.json or special_tokens_map.json beside the adapter, which transformers reads on top
+# of the base's vocabulary
+TOKENIZER_MARKERS = VOCAB_FILES + ("tokenizer_config.json", "added_tokens.json", "special_tokens_map.json",
+                                   "chat_template.jinja", "chat_template.json")
+
+
 def has_tokenizer(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model", "tokenizer_config.json"))
+    return any((folder / n).is_file() for n in TOKENIZER_MARKERS)
 
 
 def _load_json(path: Path):

@@ -198,8 +198,14 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
                 report.fail("stale-vocab-size", f"config.json {path} is {value} but the embedding has {rows} rows")
         report.checks.append("vocab_size matches the embedding rows")
         tokenizer = read_tokenizer_facts(out_dir)
+        base_bound = plan.base.tokenizer.id_bound if plan.base.tokenizer else None
         if tokenizer and tokenizer.id_bound and tokenizer.id_bound > rows:
-            report.fail("token-id-out-of-range", f"the tokenizer in {out_dir} has ids up to {tokenizer.id_bound - 1} but the embedding has {rows} rows")
+            if base_bound and tokenizer.id_bound <= base_bound and rows >= plan.embed.base_rows:
+                # the base shipped this way (Gemma 3 text models: an image token past the text rows)
+                span = f"{rows}-{tokenizer.id_bound - 1}" if tokenizer.id_bound - 1 > rows else str(rows)
+                report.checks.append(f"tokenizer ids {span} have no row, as in the base itself")
+            else:
+                report.fail("token-id-out-of-range", f"the tokenizer in {out_dir} has ids up to {tokenizer.id_bound - 1} but the embedding has {rows} rows")
         if tokenizer and plan.adapter.tokenizer and tokenizer.length != plan.adapter.tokenizer.length and plan.tokenizer_source == str(plan.adapter.folder):
             report.fail("wrong-tokenizer", f"the tokenizer in {out_dir} has {tokenizer.length} tokens, the adapter's {plan.adapter.tokenizer.length}")
         report.checks.append("every tokenizer id has a row")

@@ -87,8 +87,14 @@ def _exact_rows(name: str, evidence: list[Evidence]) -> int | None:
 
 
 def decide_side(name: str, base_rows: int, evidence: list[Evidence], tokenizer_len: int | None,
-                pad_to_multiple_of: int | None, supplied_rows: tuple[int, ...] | None) -> VocabDecision:
-    """Rows for one of embedding/head from its own evidence (or None-evidence fallback rules)."""
+                pad_to_multiple_of: int | None, supplied_rows: tuple[int, ...] | None,
+                base_tokenizer_len: int | None = None) -> VocabDecision:
+    """Rows for one of embedding/head from its own evidence (or None-evidence fallback rules).
+
+    Without evidence in the tensors, only tokens added in training grow the matrix: ids the base's
+    own tokenizer already had beyond its rows (Gemma 3's text models: 262145 ids, 262144 rows)
+    were never given rows, so training did not need them either.
+    """
     exact = _exact_rows(name, evidence)
     base_note = f"(base: {base_rows})"
     if exact is not None:
@@ -98,6 +104,11 @@ def decide_side(name: str, base_rows: int, evidence: list[Evidence], tokenizer_l
         return VocabDecision(name, base_rows, exact, tokenizer_len, "adapter", story, supplied_rows)
 
     bound = max([e.rows for e in evidence] + [tokenizer_len or 0])
+    inherited = bool(tokenizer_len and base_tokenizer_len and tokenizer_len <= base_tokenizer_len)
+    if inherited and not evidence and bound > base_rows:
+        story = (f"{name}: {base_rows} rows kept ({tokenizer_len} tokens, as in the base's own tokenizer: "
+                 f"ids {_span(list(range(base_rows, tokenizer_len)))} have no row in the base either, and training added none)")
+        return VocabDecision(name, base_rows, base_rows, tokenizer_len, "base", story, supplied_rows)
     if bound <= base_rows:
         story = f"{name}: {base_rows} rows kept"
         if tokenizer_len is not None and tokenizer_len < base_rows:
