@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .commit import check_free_space, check_output_target, promote, staging_folder
-from .errors import IncompatibleError, MergerError, ValidationFailedError
+from .errors import IncompatibleError, MergerError, OptionsError, OutputExistsError, ValidationFailedError
 from .facts import gather_facts
 from .options import MergeOptions
 from .plan import MergePlan, plan_merge
@@ -51,6 +51,8 @@ class MergeResult:
 
 def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
     """Keyword overrides on top of an options object (or the defaults); unknown names are refused."""
+    if options is not None and not isinstance(options, MergeOptions):
+        raise OptionsError(f"options: expected a MergeOptions, found {type(options).__name__}; pass options as keyword arguments instead")
     base = options or MergeOptions()
     return base.merged_with(overrides, "merge_adapter()") if overrides else base
 
@@ -94,6 +96,8 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     started = time.monotonic()
     opts = _options(options, overrides)
     check_tokenizer_source(opts.tokenizer)
+    if not str(out).strip():
+        raise OutputExistsError("--out is empty; pass the folder to write the merged model to")
     out = Path(out).expanduser()
     adapter_dir = resolve_folder(adapter, "adapter")
     base_dir = resolve_base(base, adapter_dir)
@@ -191,6 +195,8 @@ class _progress:
 def validate_checkpoint(out: str | os.PathLike, base: str | os.PathLike, adapter: str | os.PathLike,
                         mode: str = "fast", options: MergeOptions | None = None, **overrides) -> ValidationReport:
     """Check an existing merged folder (ours or another tool's) against what base + adapter require."""
+    if mode not in ("fast", "full"):
+        raise OptionsError(f"validate_checkpoint: mode {mode!r} is not fast or full")
     opts = _options(options, overrides)
     out_dir = resolve_folder(out, "out")
     plan = inspect_adapter(base, adapter, opts)

@@ -6,8 +6,9 @@ import argparse
 import json
 import logging
 import sys
+from contextlib import contextmanager
 
-from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED, MergerError
+from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED, MergerError, OptionsError
 from .options import MergeOptions, load_config_file, option_fields
 
 EXAMPLES = """examples:
@@ -23,9 +24,14 @@ exit codes: 0 merged and validated, 1 validation failed (OUT untouched), 2 bad i
 COMMANDS = ("merge", "inspect", "validate", "demo")
 
 
-def _add_option_flags(parser: argparse.ArgumentParser) -> None:
+WRITE_ONLY_OPTIONS = ("overwrite", "max_shard_size")  # meaningless where nothing is written
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
     group = parser.add_argument_group("merge options (also config-file keys and merge_adapter() keywords)")
     for f in option_fields():
+        if command in ("inspect", "validate") and f.name in WRITE_ONLY_OPTIONS:
+            continue
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"] + (f" (default: {f.default})" if f.default not in (None, False) else "")
         if f.type in (bool, "bool"):
@@ -52,7 +58,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         "validate": "Check an existing merged checkpoint against its base and adapter.",
         "demo": "Build a tiny base and a resized-vocabulary adapter, merge them, show the story. No downloads.",
     }
-    parser = argparse.ArgumentParser(prog=prog, description=descriptions[command], epilog=EXAMPLES,
+    parser = _Parser(prog=prog, description=descriptions[command], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if command == "validate":
         parser.add_argument("out", metavar="OUT", help="the merged checkpoint folder to check")
@@ -64,7 +70,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "demo":
         parser.add_argument("--out", metavar="OUT", help="keep the demo's merged model here (default: a temporary folder)")
     _add_common(parser)
-    _add_option_flags(parser)
+    _add_option_flags(parser, command)
     return parser
 
 
@@ -93,35 +99,99 @@ def _configure_logging(args) -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR if args.verbose < 2 else logging.INFO)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors in the one-line form every other error has."""
+
+    stray: str | None = None  # a first word that is no command (a mistyped one)
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        hint = ""
+        if self.stray and self.stray in message:
+            hint = f" ({self.stray!r} is not a command: {', '.join(COMMANDS)}; without one, merge-adapter merges)"
+        self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}{hint}; see {self.prog} --help\n")
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP (docker stop, timeout, a closed terminal): unwinds like Ctrl-C, so the
+    staging folder is removed on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, _frame):
+    raise Interrupted(signum)
+
+
+@contextmanager
+def _signals_unwind():
+    import signal
+
+    previous = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            try:
+                previous[signum] = signal.signal(signum, _raise_interrupted)
+            except ValueError:  # not the main thread (an embedding application): leave signals alone
+                pass
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
+    as_process = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
     parser = build_parser(command)
+    if argv and not argv[0].startswith("-") and command == "merge":
+        parser.stray = argv[0]
     args = parser.parse_args(argv)
     _configure_logging(args)
     if not args.debug:
         import warnings
 
         warnings.filterwarnings("ignore")
+    # what an unexpected failure leaves behind: merges write OUT by one rename, so never half of it
+    untouched = "; OUT was not written" if command in ("merge", "demo") else ""
     try:
-        options = resolve_options(args)
-        return _run(command, args, options)
+        with _signals_unwind():
+            options = resolve_options(args)
+            code = _run(command, args, options)
+        if as_process:  # the work is done and committed: a late Ctrl-C must not turn it into a crash
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except MergerError as exc:
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        report = getattr(exc, "report", None)
-        if report is not None and args.json:
-            print(json.dumps({"ok": False, "error": str(exc), "validation": report.to_dict()}, indent=2))
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("error: interrupted; OUT was not written", file=sys.stderr)
-        return 130
+        return _fail(args, str(exc), exc.exit_code, getattr(exc, "report", None))
+    except (KeyboardInterrupt, Interrupted) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else 2
+        where = ("; OUT is as it was, or complete if the merge had already committed it (one rename, never half)"
+                 if untouched else "")
+        return _fail(args, f"interrupted{where}", 128 + signum)
     except Exception as exc:  # an unexpected failure still gets one line, and never a half-written OUT
         if args.debug:
             raise
-        print(f"error: unexpected {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (rerun with --debug for the traceback); OUT was not written", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return _fail(args, f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback){untouched}", EXIT_BAD_INPUT)
+
+
+def _fail(args, message: str, code: int, report=None) -> int:
+    """One line on stderr; with --json, the same as a JSON object on stdout."""
+    print(f"error: {message}", file=sys.stderr)
+    if args.json:
+        payload = {"ok": False, "exit_code": code, "error": message}
+        if report is not None:
+            payload["validation"] = report.to_dict()
+        print(json.dumps(payload, indent=2))
+    return code
 
 
 def _run(command: str, args, options: MergeOptions) -> int:
@@ -134,10 +204,16 @@ def _run(command: str, args, options: MergeOptions) -> int:
     if command == "inspect":
         plan = api.inspect_adapter(args.base, args.adapter, options)
         print(json.dumps(render.plan_dict(plan), indent=2, default=str) if args.json else render.plan_text(plan))
-        return EXIT_BAD_INPUT if plan.problems else EXIT_OK
+        if plan.problems:  # the plan above lists them all; stderr gets the one a merge would stop on
+            from .errors import IncompatibleError
+
+            print(f"error: {IncompatibleError(list(plan.problems))}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        return EXIT_OK
     if command == "validate":
-        mode = options.validate if options.validate != "off" else "fast"
-        report = api.validate_checkpoint(args.out, args.base, args.adapter, mode, options)
+        if options.validate == "off":
+            raise OptionsError("merge-adapter validate: --validate off would check nothing; use fast (the default) or full")
+        report = api.validate_checkpoint(args.out, args.base, args.adapter, options.validate, options)
         print(json.dumps(report.to_dict(), indent=2) if args.json else render.report_text(report))
         return EXIT_OK if report.ok else EXIT_VALIDATION_FAILED
     result = api.merge_adapter(args.base, args.adapter, args.out, options, quiet=args.quiet)

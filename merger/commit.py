@@ -20,6 +20,10 @@ def check_output_target(out: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise MergerError(f"--out {out}: overlaps the input folder {source}; choose a new folder so the inputs stay intact")
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"--out {out}: exists and is a file; choose a folder path")
+    here = Path.cwd().resolve()
+    if overwrite and (resolved == here or resolved in here.parents):
+        raise OutputExistsError(f"--out {out}: is the current folder or one of its parents, and --overwrite would replace it "
+                                "with everything in it; choose a new folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"--out {out}: exists and is not empty; pass --overwrite to replace it (only after a successful merge) or choose another folder")
 
@@ -30,7 +34,10 @@ def check_free_space(out: Path, needed: int) -> None:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
         raise OutputError(f"--out {out}: cannot create its parent folder {parent} ({exc.strerror or type(exc).__name__}); choose another location") from None
-    free = shutil.disk_usage(parent).free
+    usage = shutil.disk_usage(parent)
+    if usage.total == 0:  # /proc, /sys: no disk behind the folder
+        raise OutputError(f"--out {out}: {parent} is not on a disk (a pseudo file system); choose a folder on a disk")
+    free = usage.free
     if needed > free:
         raise MergerError(f"--out {out}: the merged checkpoint needs about {needed / 1e9:.1f} GB but {parent} has {free / 1e9:.1f} GB free; free space or choose another disk")
 

@@ -173,7 +173,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise OptionsError(f"config file {path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise OptionsError(f"config file {path}: not valid YAML{where} ({problem}); fix the file") from None
     if not isinstance(data, dict):
         raise OptionsError(f"config file {path}: expected a mapping of option: value, found {type(data).__name__}")
     return data

@@ -67,6 +67,9 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
             metas[name] = TensorMeta(name, tuple(entry["shape"]), entry["dtype"], path.name, 8 + header_len + begin)
         except (KeyError, TypeError, ValueError):
             raise error(f"{path}: corrupt safetensors header entry for {name!r}; re-download or re-save it") from None
+        if metas[name].dtype not in DTYPE_SIZES:
+            raise error(f"{path}: tensor {name!r} has dtype {metas[name].dtype!r}, which safetensors does not define; "
+                        "the file is corrupt or from an unknown writer: re-download or re-save it")
         data_end = max(data_end, end)
     expected = 8 + header_len + data_end
     if size < expected:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..errors import IncompatibleError, UnsupportedError
 from ..lora import grow_rows
-from ..options import MergeOptions, parse_max_memory, parse_size
+from ..options import parse_max_memory, parse_size
 from ..plan import MergePlan
 
 log = logging.getLogger(__name__)
