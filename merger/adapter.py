@@ -179,4 +179,16 @@ def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None) 
         raise UnsupportedError(f"{folder / weights_file}: tensors of an unknown layout: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; merger will not guess how to merge them")
     for w in warnings:
         log.warning(w)
-    return AdapterInfo(folder, config, weights_file, tensors, tuple(keys), read_tokenizer_facts(folder, base_folder), tuple(warnings))
+    return AdapterInfo(folder, config, weights_file, tensors, tuple(keys), _training_tokenizer(folder, base_folder), tuple(warnings))
+
+
+def _training_tokenizer(folder: Path, base_folder: Path | None):
+    """The tokenizer saved with the adapter: in its folder, or for a named adapter (DIR/sft/, see
+    sources.named_adapter_folder) in DIR, where the trainer saved it."""
+    facts = read_tokenizer_facts(folder, base_folder)
+    parent = folder.parent
+    if facts is None and not (parent / ADAPTER_CONFIG).is_file() and parent != folder:
+        facts = read_tokenizer_facts(parent, base_folder)
+        if facts is not None:
+            log.info("%s: using the tokenizer saved beside it in %s", folder, parent)
+    return facts

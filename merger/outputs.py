@@ -41,7 +41,7 @@ def copy_tokenizer(plan: MergePlan, out_dir: Path) -> list[str]:
     copied = []
     if plan.tokenizer_source:
         source = Path(plan.tokenizer_source)
-        if plan.adapter.tokenizer and source == plan.adapter.folder and not plan.adapter.tokenizer.complete:
+        if plan.adapter.tokenizer and plan.tokenizer_source == plan.adapter.tokenizer.folder and not plan.adapter.tokenizer.complete:
             for name in TOKENIZER_FILES:  # the vocabulary the adapter's config files sit on
                 if (plan.base.folder / name).is_file():
                     shutil.copyfile(plan.base.folder / name, out_dir / name)

@@ -554,9 +554,10 @@ def _choose_tokenizer(base: CheckpointInfo, adapter: AdapterInfo, options: Merge
     if choice == "adapter" or (choice == "auto" and adapter.tokenizer):
         if not adapter.tokenizer:
             raise IncompatibleError(f"{adapter.folder}: --tokenizer adapter was asked for but the adapter folder has no tokenizer files")
+        where = "the adapter folder" if adapter.tokenizer.folder == str(adapter.folder) else f"{adapter.tokenizer.folder}, beside the named adapter,"
         if not adapter.tokenizer.complete:
-            return str(adapter.folder), "the adapter folder has tokenizer config files without a vocabulary: they are written over the base's tokenizer files"
-        return str(adapter.folder), "the adapter folder has the tokenizer used in training"
+            return adapter.tokenizer.folder, f"{where} has tokenizer config files without a vocabulary: they are written over the base's tokenizer files"
+        return adapter.tokenizer.folder, f"{where} has the tokenizer used in training"
     if choice in ("base", "auto"):
         if base.tokenizer:
             return str(base.folder), "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
-from .errors import InputNotFoundError
+from .errors import AdapterError, InputNotFoundError
+from .keys import ADAPTER_CONFIG
+
+log = logging.getLogger(__name__)
 
 _FOLDER_OF = {
     "adapter": "folder that holds adapter_config.json",
@@ -22,7 +26,7 @@ def resolve_folder(source: str | os.PathLike, role: str) -> Path:
     if path.exists():
         if not path.is_dir():
             raise InputNotFoundError(f"--{role} {path}: is a file, not a folder; pass the {_FOLDER_OF[role]}")
-        return path
+        return named_adapter_folder(path) if role == "adapter" else path
     text = str(source)
     if not _REPO_ID.match(text):
         raise InputNotFoundError(f"--{role} {text}: no such folder; pass a local folder or a Hub id like owner/name")
@@ -38,6 +42,22 @@ def resolve_folder(source: str | os.PathLike, role: str) -> Path:
         raise InputNotFoundError(f"--{role} {text}: not a local folder and not in the Hub cache{' (HF_HUB_OFFLINE=1)' if offline else ''}; download it first or pass a folder") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise InputNotFoundError(f"--{role} {text}: could not fetch it from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+
+
+def named_adapter_folder(folder: Path) -> Path:
+    """The adapter inside a PEFT save of a named adapter: save_pretrained writes adapter "sft" to
+    DIR/sft/, while the trainer saves the tokenizer to DIR. One such subfolder is taken; several
+    are named for the user to choose."""
+    if (folder / ADAPTER_CONFIG).is_file():
+        return folder
+    named = sorted(p for p in folder.iterdir() if p.is_dir() and (p / ADAPTER_CONFIG).is_file())
+    if len(named) == 1:
+        log.info("--adapter %s: using the adapter saved in its subfolder %s", folder, named[0].name)
+        return named[0]
+    if named:
+        raise AdapterError(f"--adapter {folder}: holds {len(named)} adapters in subfolders ({', '.join(p.name for p in named)}); "
+                           f"pass one of them, e.g. --adapter {named[0]}")
+    return folder
 
 
 def resolve_base(base: str | os.PathLike | None, adapter_dir: Path) -> Path:

@@ -206,7 +206,7 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
                 report.checks.append(f"tokenizer ids {span} have no row, as in the base itself")
             else:
                 report.fail("token-id-out-of-range", f"the tokenizer in {out_dir} has ids up to {tokenizer.id_bound - 1} but the embedding has {rows} rows")
-        if tokenizer and plan.adapter.tokenizer and tokenizer.length != plan.adapter.tokenizer.length and plan.tokenizer_source == str(plan.adapter.folder):
+        if tokenizer and plan.adapter.tokenizer and tokenizer.length != plan.adapter.tokenizer.length and plan.tokenizer_source == plan.adapter.tokenizer.folder:
             report.fail("wrong-tokenizer", f"the tokenizer in {out_dir} has {tokenizer.length} tokens, the adapter's {plan.adapter.tokenizer.length}")
         report.checks.append("every tokenizer id has a row")
     tie = config.get("tie_word_embeddings", (config.get(plan.base.text_config_key or "", {}) or {}).get("tie_word_embeddings", True))

@@ -97,3 +97,34 @@ def test_ids_the_base_tokenizer_already_had_past_its_rows_grow_nothing(tmp_path)
     assert result.plan.embed.story == ("embed_tokens: 64 rows kept (65 tokens, as in the base's own tokenizer: ids 64 "
                                        "have no row in the base either, and training added none)")
     assert result.validation.ok and "tokenizer ids 64 have no row, as in the base itself" in result.validation.checks
+
+
+def named_layout(adapter):
+    """What save_pretrained does for get_peft_model(..., adapter_name="sft"): DIR/sft/ holds the
+    adapter; the trainer saves the tokenizer to DIR."""
+    (adapter / "sft").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        if (adapter / name).exists():
+            (adapter / name).rename(adapter / "sft" / name)
+
+
+@pytest.mark.parametrize("given", ["DIR", "DIR/sft"])
+def test_a_named_adapter_and_the_tokenizer_saved_beside_it(copies, tmp_path, given):
+    from transformers import AutoTokenizer
+
+    base, adapter = copies
+    named_layout(adapter)
+    result = merge_adapter(base, adapter if given == "DIR" else adapter / "sft", tmp_path / "out")
+    assert result.plan.adapter.folder == adapter / "sft" and result.plan.tokenizer_source == str(adapter)
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert len(tok) == 67 and tok.chat_template
+
+
+def test_several_named_adapters_are_named_for_the_user(copies, tmp_path, capsys):
+    base, adapter = copies
+    named_layout(adapter)
+    shutil.copytree(adapter / "sft", adapter / "dpo")
+    code = main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == (f"error: --adapter {adapter}: holds 2 adapters in subfolders (dpo, sft); "
+                                 f"pass one of them, e.g. --adapter {adapter / 'dpo'}")
