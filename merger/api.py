@@ -123,7 +123,7 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
     for note in plan.notes:
         log.warning(note)
 
-    from .outputs import copy_generation_config, copy_tokenizer, remove_adapter_leftovers, write_config
+    from .outputs import copy_generation_config, copy_model_code, copy_tokenizer, remove_adapter_leftovers, write_config
     from .report import plan_summary, versions, write_report
 
     with staging_folder(out) as tmp:
@@ -138,6 +138,7 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
                 files = execute_peft(plan, tmp, tick)
         write_config(plan, tmp)
         copy_generation_config(plan, tmp)
+        copy_model_code(plan, tmp)
         copy_tokenizer(plan, tmp)
         remove_adapter_leftovers(tmp)
         # LoRA on raw parameters has no per-module check: only the logits prove it merged

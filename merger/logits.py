@@ -43,9 +43,8 @@ def probe_ids(plan, count: int = 24) -> list[int]:
 
 def check_logits(out_dir: Path, plan, report) -> None:
     import torch
-    import transformers
 
-    from .engines.peft import attach_adapter, load_base, resize_like_plan
+    from .engines.peft import attach_adapter, load_base, model_class, resize_like_plan
     from .validate import FP32_REL_TOL, LOW_PRECISION_REL_TOL
 
     need = plan.base.total_bytes * 2 * (4 // max(1, _bytes_per(plan.base.dtype)))
@@ -58,8 +57,9 @@ def check_logits(out_dir: Path, plan, report) -> None:
         reference_model = attach_adapter(_resized_base(plan, load_base, resize_like_plan), plan)
         reference = reference_model(input_ids=ids).logits.float()
         del reference_model
-        cls = getattr(transformers, plan.layout.class_name)
-        merged = cls.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype)).eval()
+        cls = model_class(plan)
+        merged = cls.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype),
+                                     trust_remote_code=plan.options.trust_remote_code).eval()
         got = merged(input_ids=ids).logits.float()
     if got.shape != reference.shape:
         report.fail("logits-shape", f"merged logits have shape {list(got.shape)}, base+adapter {list(reference.shape)}")

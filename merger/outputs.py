@@ -27,6 +27,18 @@ def write_config(plan: MergePlan, out_dir: Path) -> None:
     (out_dir / CONFIG).write_text(json.dumps(merged_config(plan), indent=2, sort_keys=True) + "\n")
 
 
+def copy_model_code(plan: MergePlan, out_dir: Path) -> list[str]:
+    """A custom-code base (config.json has auto_map) keeps its code files beside the merged weights:
+    config.json still names them, and from_pretrained(OUT, trust_remote_code=True) imports them."""
+    if not plan.base.config.get("auto_map"):
+        return []
+    copied = []
+    for source in sorted(plan.base.folder.glob("*.py")):
+        shutil.copyfile(source, out_dir / source.name)
+        copied.append(source.name)
+    return copied
+
+
 def copy_generation_config(plan: MergePlan, out_dir: Path) -> None:
     """The adapter's generation config wins (training may have set eos/pad for new tokens), else the base's."""
     for folder in (plan.adapter.folder, plan.base.folder):

@@ -59,15 +59,22 @@ def _meta_model(plan: MergePlan, cls):
         return cls._from_config(config)
 
 
-def load_base(plan: MergePlan):
-    import torch
+def model_class(plan: MergePlan):
+    """The transformers class the plan was made for; for a custom-code base, the auto class that finds its code."""
     import transformers
 
     cls = getattr(transformers, plan.layout.class_name, None)
-    if cls is None:  # the base's own code (trust_remote_code): let the auto class find it
+    if cls is None:
         from ..layout import TASK_AUTO_CLASSES
 
         cls = getattr(transformers, TASK_AUTO_CLASSES.get(str(plan.adapter.task_type or "").upper(), "AutoModelForCausalLM"))
+    return cls
+
+
+def load_base(plan: MergePlan):
+    import torch
+
+    cls = model_class(plan)
     load_dtype = getattr(torch, plan.base.dtype if plan.base.dtype in ("float32", "bfloat16", "float16") else "float32")
     placement = device_map_kwargs(plan, cls, load_dtype)
     if _spans_devices(placement):
