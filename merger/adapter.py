@@ -177,8 +177,6 @@ def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None) 
         (keys.append(parsed) if parsed else unknown.append(name))
     if unknown:
         raise UnsupportedError(f"{folder / weights_file}: tensors of an unknown layout: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; merger will not guess how to merge them")
-    for w in warnings:
-        log.warning(w)
     return AdapterInfo(folder, config, weights_file, tensors, tuple(keys), _training_tokenizer(folder, base_folder), tuple(warnings))
 
 

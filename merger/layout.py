@@ -87,6 +87,12 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
             f"{folder / 'config.json'}: the base runs its own code ({code}); pass --trust-remote-code "
             "to let transformers run it, if you trust that code"
         )
+    missing_code = _missing_code_files(folder, auto_map) if trust_remote_code else []
+    if missing_code:
+        raise CheckpointError(
+            f"{folder / 'config.json'}: its auto_map names {', '.join(missing_code)}, which the folder does not have; "
+            "download the model's code files with its weights"
+        )
     try:
         # trust_remote_code is always explicit: left unset, transformers asks on stdin and hangs a pipeline
         hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
@@ -136,6 +142,16 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
     return ModelLayout(type(model).__name__, modules, param_shapes, embed_name, head_name, tied, to_model,
                        key_layout_problem=problem, base_model_prefix=getattr(model, "base_model_prefix", "") or "",
                        config_overrides=overrides)
+
+
+def _missing_code_files(folder: Path, auto_map: dict) -> list[str]:
+    """Local code files an auto_map refers to ('modeling_x.Class'; 'repo--modeling_x.Class' lives elsewhere)."""
+    names = []
+    for value in auto_map.values():
+        for ref in value if isinstance(value, list) else [value]:
+            if isinstance(ref, str) and "--" not in ref and "." in ref:
+                names.append(ref.rsplit(".", 1)[0] + ".py")
+    return sorted({n for n in names if not (folder / n).is_file()})
 
 
 def _map_checkpoint_keys(model, checkpoint_keys: list[str], state: dict) -> tuple[dict[str, str], str | None]:

@@ -20,7 +20,7 @@ _FOLDER_OF = {
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def resolve_folder(source: str | os.PathLike, role: str) -> Path:
+def resolve_folder(source: str | os.PathLike, role: str, label: str | None = None) -> Path:
     """A local folder as is; 'owner/name' from the Hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
     path = Path(source).expanduser()
     if path.exists():
@@ -28,20 +28,21 @@ def resolve_folder(source: str | os.PathLike, role: str) -> Path:
             raise InputNotFoundError(f"--{role} {path}: is a file, not a folder; pass the {_FOLDER_OF[role]}")
         return named_adapter_folder(path) if role == "adapter" else path
     text = str(source)
+    label = label or f"--{role} {text}"
     if not _REPO_ID.match(text):
-        raise InputNotFoundError(f"--{role} {text}: no such folder; pass a local folder or a Hub id like owner/name")
+        raise InputNotFoundError(f"{label}: no such folder; pass a local folder or a Hub id like owner/name")
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
-        raise InputNotFoundError(f"--{role} {text}: no such folder, and huggingface_hub is not installed to fetch it") from None
+        raise InputNotFoundError(f"{label}: no such folder, and huggingface_hub is not installed to fetch it") from None
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     try:
         return Path(snapshot_download(text, local_files_only=offline))
     except LocalEntryNotFoundError:
-        raise InputNotFoundError(f"--{role} {text}: not a local folder and not in the Hub cache{' (HF_HUB_OFFLINE=1)' if offline else ''}; download it first or pass a folder") from None
+        raise InputNotFoundError(f"{label}: not a local folder and not in the Hub cache{' (HF_HUB_OFFLINE=1)' if offline else ''}; download it first or pass a folder") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise InputNotFoundError(f"--{role} {text}: could not fetch it from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+        raise InputNotFoundError(f"{label}: could not fetch it from the Hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
 
 
 def named_adapter_folder(folder: Path) -> Path:
@@ -75,7 +76,15 @@ def resolve_base(base: str | os.PathLike | None, adapter_dir: Path) -> Path:
     path = Path(recorded).expanduser()
     if not path.is_absolute() and not path.exists() and (adapter_dir / recorded).exists():
         path = adapter_dir / recorded  # saved relative to the adapter
-    return resolve_folder(path if path.exists() else recorded, "base")
+    label = f"the base the adapter names ({adapter_dir / 'adapter_config.json'}: base_model_name_or_path {recorded})"
+    try:
+        return resolve_folder(path if path.exists() else recorded, "base", label)
+    except InputNotFoundError as exc:
+        hint = ""
+        if re.search(r"bnb|[-_]4bit|[-_]8bit|gptq|awq", str(recorded), re.IGNORECASE):
+            # QLoRA adapters record the quantized model they were trained on
+            hint = "; it names a quantized model: merge into the full-precision model it was made from"
+        raise InputNotFoundError(f"{exc}, or pass --base{hint}") from None
 
 
 def check_tokenizer_source(choice: str) -> None:

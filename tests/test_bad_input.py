@@ -326,3 +326,16 @@ def test_out_in_a_read_only_folder(copies, tmp_path, capsys):
         locked.chmod(0o755)
     assert_one_line_error(code, err, f"--out {locked / 'merged'}: cannot write in {locked}", "choose a folder you can write to")
     assert list(locked.iterdir()) == []
+
+
+def test_a_recorded_base_that_is_not_here_is_named_as_recorded(copies, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, adapter = copies
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "unsloth/llama-3-8b-bnb-4bit"
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "--adapter", adapter, "--out", tmp_path / "out")
+    assert_one_line_error(code, err, f"the base the adapter names ({adapter / 'adapter_config.json'}: base_model_name_or_path "
+                          "unsloth/llama-3-8b-bnb-4bit): not a local folder and not in the Hub cache (HF_HUB_OFFLINE=1)",
+                          "or pass --base; it names a quantized model: merge into the full-precision model it was made from")
+    assert "--base unsloth" not in err

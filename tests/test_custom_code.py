@@ -93,3 +93,12 @@ def test_custom_code_is_merged_proven_and_shipped(custom_pair, tmp_path):
     ids = torch.tensor([[1, 5, 9, 33, 63]])
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_custom_code_files_that_are_missing_are_named(custom_pair, tmp_path):
+    from merger import CheckpointError
+
+    base, adapter, _ = custom_pair
+    (base / "modeling_tiny.py").unlink()
+    with pytest.raises(CheckpointError, match=r"config.json: its auto_map names modeling_tiny.py, which the folder does not have; download the model's code files"):
+        merge_adapter(base, adapter, tmp_path / "out", trust_remote_code=True)
