@@ -63,6 +63,19 @@ def versions() -> dict:
     return found
 
 
+def _row_trained(plan, token_id: int) -> bool:
+    """Whether the adapter supplies the embedding row of ``token_id`` (grown or spare)."""
+    embed = plan.embed
+    if embed is None or token_id >= embed.rows:
+        return False
+    if token_id >= embed.base_rows:
+        return token_id not in embed.untrained_new_rows
+    # a spare row of a padded base: trained only if the adapter carries the whole matrix or this token
+    if embed.supplied_rows is None:
+        return embed.source == "adapter"
+    return token_id in embed.supplied_rows
+
+
 def plan_summary(plan) -> dict:
     """The stable, documented description of a plan (used by inspect --json and the report)."""
     def side(decision):
@@ -74,12 +87,12 @@ def plan_summary(plan) -> dict:
                 "padding_rows": padding}
     added = []
     if plan.adapter.tokenizer:
-        base_rows = plan.embed.base_rows if plan.embed else None
+        # added in training: past the base tokenizer's ids (in a padded base, inside its spare rows), else past its rows
+        base_tok = plan.base.tokenizer.id_bound if plan.base.tokenizer else None
+        first_new = base_tok if base_tok is not None else (plan.embed.base_rows if plan.embed else 0)
         for token_id, content, special in plan.adapter.tokenizer.added_tokens:
-            if base_rows is not None and token_id < base_rows:
-                continue
-            trained = plan.embed is not None and token_id < plan.embed.rows and token_id not in plan.embed.untrained_new_rows
-            added.append({"id": token_id, "token": content, "special": special, "row_trained": trained})
+            if token_id >= first_new:
+                added.append({"id": token_id, "token": content, "special": special, "row_trained": _row_trained(plan, token_id)})
     return {
         "schema_version": SCHEMA_VERSION,
         "base": str(plan.base.folder),

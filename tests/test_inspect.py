@@ -73,3 +73,14 @@ def test_inspect_reports_problems_with_exit_2(pair, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "note: target_modules entries that match nothing in the base: c_attn" in text
     assert "problem: the adapter's tokenizer has ids up to 85 but embed_tokens has 80 rows: ids 80-85 would index past the matrix" in text
+
+
+@pytest.mark.parametrize("scenario", ["qwen_padded_base"], indirect=True)
+def test_tokens_added_inside_a_padded_base_are_listed(scenario, capsys):
+    # Qwen2-style: 96 rows for 80 tokens; <|im_start|>/<|im_end|> take ids 80, 81 inside the spare
+    # rows, and LoRA on attention alone trains no embedding row
+    assert main(["inspect", "--base", str(scenario.base_dir), "--adapter", str(scenario.adapter_dir), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [(t["id"], t["token"], t["row_trained"]) for t in data["added_tokens"]] == [
+        (80, "<|im_start|>", False), (81, "<|im_end|>", False)]
+    assert data["embed"]["rows"] == data["embed"]["base_rows"] == 96
