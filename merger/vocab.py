@@ -101,7 +101,12 @@ def decide_side(name: str, base_rows: int, evidence: list[Evidence], tokenizer_l
         story = f"{name}: {explain_rows(exact, tokenizer_len)} {base_note}, from the adapter's tensors"
         if exact < base_rows:
             story += f"; the base shrinks by {base_rows - exact} rows because the adapter's tensors are smaller"
-        return VocabDecision(name, base_rows, exact, tokenizer_len, "adapter", story, supplied_rows)
+        unsaved = [] if supplied_rows is None else [r for r in range(base_rows, exact) if r not in supplied_rows]
+        notes = ()
+        if unsaved:  # e.g. LoRA on the layer saved without save_embedding_layers: an update, no values
+            story += f"; the adapter saved no values for rows {_span(unsaved)} (only updates), so they start from the new-rows rule"
+            notes = (f"{name}: rows {_span(unsaved)} start from the new-rows rule: the adapter saved no values for them",)
+        return VocabDecision(name, base_rows, exact, tokenizer_len, "adapter", story, supplied_rows, notes)
 
     bound = max([e.rows for e in evidence] + [tokenizer_len or 0])
     inherited = bool(tokenizer_len and base_tokenizer_len and tokenizer_len <= base_tokenizer_len)

@@ -68,3 +68,12 @@ def test_head_without_evidence_grows_with_embedding():
     head = follow_other_side("lm_head", 64, embed, 67, ())
     assert head.rows == 80 and head.untrained_new_rows == list(range(64, 80))
     assert "grown with embed_tokens" in head.story
+
+
+def test_rows_sized_by_a_lora_update_but_without_values_are_said_out_loud():
+    # LoRA on the embedding saved with save_embedding_layers=False: lora_embedding_A has 80 columns,
+    # but no values for rows 64-79 beyond the update
+    d = decide_side("embed_tokens", 64, [Evidence(80, "embed_tokens.lora_embedding_A")], 67, None, ())
+    assert d.rows == 80 and d.untrained_new_rows == list(range(64, 80))
+    assert d.story.endswith("; the adapter saved no values for rows 64-79 (only updates), so they start from the new-rows rule")
+    assert d.notes == ("embed_tokens: rows 64-79 start from the new-rows rule: the adapter saved no values for them",)
