@@ -82,6 +82,8 @@ class MergePlan:
     # modules whose raw parameters carry LoRA (target_parameters, e.g. stacked MoE experts): only
     # PEFT knows how its wrapper reshapes them, so the peft engine merges them and validation checks logits
     parameter_lora: tuple[str, ...] = field(default=())
+    # embedding rows beyond vocab_size by the model's design (Mllama: 8); 0 for nearly every model
+    embed_extra_rows: int = 0
 
     @property
     def stories(self) -> list[str]:
@@ -213,6 +215,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
 
     tok_len = adapter.tokenizer.id_bound if adapter.tokenizer else None
     base_tok_len = base.tokenizer.id_bound if base.tokenizer else None
+    embed_extra = _embed_extra_rows(base, layout, embed_w, head_w)
     embed = head = None
     if embed_mod and embed_base_rows is not None:
         ev, supplied = evidence_for(embed_mod)
@@ -222,18 +225,22 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         ev, supplied = evidence_for(head_mod)
         own = decide_side(module_leaf(head_mod), head_base_rows, ev, tok_len, options.pad_to_multiple_of,
                           None if supplied is None else supplied, base_tok_len)
-        if own.source != "adapter" and embed.rows != own.rows:
-            head = follow_other_side(module_leaf(head_mod), head_base_rows, embed, tok_len, supplied)
-        elif own.source == "adapter" and embed.source != "adapter" and own.rows != embed.rows:
+        if own.source != "adapter" and embed.rows - embed_extra != own.rows:
+            head = follow_other_side(module_leaf(head_mod), head_base_rows, embed, tok_len, supplied, -embed_extra)
+        elif own.source == "adapter" and embed.source != "adapter" and own.rows != embed.rows - embed_extra:
             head = own
             ev_e, sup_e = evidence_for(embed_mod)
-            embed = follow_other_side(module_leaf(embed_mod), embed_base_rows, own, tok_len, sup_e)
+            embed = follow_other_side(module_leaf(embed_mod), embed_base_rows, own, tok_len, sup_e, embed_extra)
         else:
             head = own
-        if head.rows != embed.rows:
+        if head.rows != embed.rows - embed_extra:
+            design = (f"; {layout.class_name} gives its embedding {embed_extra} rows more than its head (vocab_size + {embed_extra}), "
+                      "which transformers' resize_token_embeddings does not keep for it, so the model this adapter was "
+                      "trained on cannot be saved loadably and merger will not guess its rows"
+                      if embed_extra else "")
             problems.append(
                 f"{head_mod}: the adapter's head has {head.rows} rows but its embedding {embed.rows}; "
-                "a checkpoint with different sizes cannot be loaded by from_pretrained"
+                f"a checkpoint with these sizes cannot be loaded by from_pretrained{design}"
             )
     for decision in (embed, head):
         inherited = bool(decision and base_tok_len and decision.tokenizer_len and decision.tokenizer_len <= base_tok_len
@@ -425,9 +432,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     edits: dict = {}
     if embed is not None:
         for path in base.vocab_size_fields() or {"vocab_size": None}:
-            edits[path] = embed.rows
+            edits[path] = embed.rows - embed_extra
         if base.text_config_key and f"{base.text_config_key}.vocab_size" not in edits:
-            edits[f"{base.text_config_key}.vocab_size"] = embed.rows
+            edits[f"{base.text_config_key}.vocab_size"] = embed.rows - embed_extra
     if tie != base.declared_tie() or (base_tied and not tie):
         edits["tie_word_embeddings"] = tie
         if base.text_config_key:
@@ -453,7 +460,15 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
     return MergePlan(base, adapter, layout, options, embed, head, tie, dtype, tuple(ops), edits,
                      tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems),
-                     tuple(sorted(parameter_lora)))
+                     tuple(sorted(parameter_lora)), embed_extra)
+
+
+def _embed_extra_rows(base: CheckpointInfo, layout: ModelLayout, embed_w: str | None, head_w: str | None) -> int:
+    """Rows the model's class gives its embedding beyond its head, read off the meta model built
+    from config.json (Mllama: nn.Embedding(vocab_size + 8, ...) beside a vocab_size-row head)."""
+    if not embed_w or not head_w or embed_w not in layout.param_shapes or head_w not in layout.param_shapes:
+        return 0
+    return layout.param_shapes[embed_w][0] - layout.param_shapes[head_w][0]
 
 
 def _parameter_lora_owner(key, layout: ModelLayout, config: dict) -> str | None:

@@ -194,8 +194,9 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
             rows = reader.disk[reader.find(embed_key)].shape[0]
         for path in ["vocab_size"] + ([f"{plan.base.text_config_key}.vocab_size"] if plan.base.text_config_key else []):
             value = config.get(path) if "." not in path else config.get(path.split(".")[0], {}).get("vocab_size")
-            if value is not None and value != rows:
-                report.fail("stale-vocab-size", f"config.json {path} is {value} but the embedding has {rows} rows")
+            if value is not None and value != rows - plan.embed_extra_rows:
+                design = f" ({plan.embed_extra_rows} rows beyond vocab_size by design)" if plan.embed_extra_rows else ""
+                report.fail("stale-vocab-size", f"config.json {path} is {value} but the embedding has {rows} rows{design}")
         report.checks.append("vocab_size matches the embedding rows")
         tokenizer = read_tokenizer_facts(out_dir)
         base_bound = plan.base.tokenizer.id_bound if plan.base.tokenizer else None

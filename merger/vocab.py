@@ -135,9 +135,13 @@ def decide_side(name: str, base_rows: int, evidence: list[Evidence], tokenizer_l
 
 
 def follow_other_side(name: str, base_rows: int, other: VocabDecision, tokenizer_len: int | None,
-                      supplied_rows: tuple[int, ...] | None) -> VocabDecision:
-    """A side with no evidence of its own grows with the other: training resized both together."""
-    rows = other.rows
+                      supplied_rows: tuple[int, ...] | None, extra_rows: int = 0) -> VocabDecision:
+    """A side with no evidence of its own grows with the other: training resized both together.
+
+    ``extra_rows``: how many rows this side has beyond the other by the model's design (Mllama's
+    embedding holds vocab_size + 8 rows, its head vocab_size): kept as the base has it.
+    """
+    rows = other.rows + extra_rows
     story = f"{name}: {explain_rows(rows, tokenizer_len)} (base: {base_rows}), grown with {other.name}"
     untrained = [r for r in range(base_rows, rows) if not supplied_rows or r not in supplied_rows]
     notes = ()

@@ -140,3 +140,55 @@ def test_lora_on_stacked_moe_experts_is_merged_by_peft_and_proven_by_logits(tmp_
     with torch.no_grad():  # the experts' update matters: without it the logits are far off
         plain = model_class(sc.base_dir).from_pretrained(sc.base_dir, dtype=torch.float32).eval()(input_ids=ids).logits
     assert (plain - reference).abs().max() > 1e-3
+
+
+def _mllama(vocab: int = 64):
+    from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaTextConfig, MllamaVisionConfig
+
+    text = MllamaTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, cross_attention_layers=[1], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                            max_position_embeddings=64)
+    vision = MllamaVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                                image_size=8, patch_size=4, vision_output_dim=32, intermediate_layers_indices=[0],
+                                max_num_tiles=1, supported_aspect_ratios=[[1, 1]])
+    return MllamaForConditionalGeneration(MllamaConfig(text_config=text, vision_config=vision, image_token_index=3))
+
+
+def test_mllama_keeps_its_embedding_eight_rows_past_the_head(tmp_path):
+    # Mllama: nn.Embedding(vocab_size + 8) beside a vocab_size-row head; a plain LoRA must not
+    # "grow" the head to the embedding's rows (the checkpoint would not load)
+    from peft import LoraConfig, get_peft_model
+
+    from .factories import perturb_trainable
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    _mllama().save_pretrained(base)
+    model = type(_mllama()).from_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    perturb_trainable(peft_model, seed=1)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    result = merge_adapter(base, tmp_path / "adapter", tmp_path / "out", validate="full")
+    assert (result.plan.embed.rows, result.plan.head.rows, result.plan.embed_extra_rows) == (72, 64, 8)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["vocab_size"] == 64
+    merged = type(model).from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[1, 5, 9, 10, 11, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mllama_resized_by_transformers_is_refused_with_the_reason(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from merger import IncompatibleError
+
+    base = tmp_path / "base"
+    _mllama().save_pretrained(base)
+    model = type(_mllama()).from_pretrained(base)
+    model.resize_token_embeddings(72)  # what users call: embedding and head both get 72 rows
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    with pytest.raises(IncompatibleError, match=r"lm_head: the adapter's head has 72 rows but its embedding 72; .* gives its embedding 8 rows more than its head"):
+        merge_adapter(base, tmp_path / "adapter", tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -102,6 +102,10 @@ def resize_like_plan(model, plan: MergePlan) -> None:
     head = model.get_output_embeddings()
     if plan.embed is None or not plan.embed.changed and (plan.head is None or not plan.head.changed):
         return
+    if plan.embed_extra_rows:
+        raise UnsupportedError(f"--engine peft: transformers' resize_token_embeddings gives {plan.layout.class_name}'s head "
+                               f"the embedding's rows, but its embedding has {plan.embed_extra_rows} more by design; "
+                               "use --engine stream, which sizes each matrix on its own")
     old_embed = embed.weight.detach().clone()
     old_head = head.weight.detach().clone() if head is not None and head.weight is not embed.weight else None
     old_bias = head.bias.detach().clone() if head is not None and getattr(head, "bias", None) is not None else None
