@@ -66,14 +66,19 @@ def promote(tmp: Path, out: Path) -> None:
         if path.is_file():
             _fsync_file(path)
     _fsync_dir(tmp)
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out, old)
-        os.replace(tmp, out)
+    swap_in(tmp, out)
+    _fsync_dir(out.parent)
+
+
+def swap_in(new: Path, target: Path) -> None:
+    """Put folder ``new`` at ``target`` by renames; an existing ``target`` is moved aside, then removed."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+        os.replace(new, target)
         shutil.rmtree(old, ignore_errors=True)
     else:
-        os.replace(tmp, out)
-    _fsync_dir(out.parent)
+        os.replace(new, target)
 
 
 def _fsync_file(path: Path) -> None:

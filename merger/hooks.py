@@ -14,6 +14,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+from .commit import swap_in
 from .errors import InputNotFoundError, MergerError, UnsupportedError
 from .options import MergeOptions
 
@@ -94,13 +95,7 @@ def save_adapter_for_merge(model, folder: str | os.PathLike, tokenizer=None, bas
             (staging / name).rmdir()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(staging))
-        if folder.exists():
-            old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(folder, old)
-            os.replace(staging, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, folder)
+        swap_in(staging, folder)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

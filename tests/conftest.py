@@ -40,3 +40,22 @@ def scenario_cache(tmp_path_factory):
 def scenario(request, scenario_cache):
     """Parametrize indirectly with a scenario name: ``@pytest.mark.parametrize("scenario", NAMES, indirect=True)``."""
     return scenario_cache(request.param)
+
+
+@pytest.fixture(scope="session")
+def demo_pair(tmp_path_factory):
+    """The demo's base and adapter (merger.demo), built once; tests that change files use ``copies``."""
+    from merger.demo import build_demo_pair
+
+    return build_demo_pair(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def copies(demo_pair, tmp_path):
+    """A private copy of the demo pair, for tests that break or rearrange its files."""
+    import shutil
+
+    base, adapter = tmp_path / "base", tmp_path / "adapter"
+    shutil.copytree(demo_pair[0], base)
+    shutil.copytree(demo_pair[1], adapter)
+    return base, adapter

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +10,6 @@ import pytest
 import torch
 
 from merger.cli import main
-from merger.demo import build_demo_pair
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return build_demo_pair(tmp_path_factory.mktemp("demo"))
-
-
-@pytest.fixture
-def copies(pair, tmp_path):
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    shutil.copytree(pair[0], base)
-    shutil.copytree(pair[1], adapter)
-    return base, adapter
 
 
 def run_cli(capsys, *args):

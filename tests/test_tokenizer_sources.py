@@ -9,20 +9,7 @@ import pytest
 
 from merger import InputNotFoundError, inspect_adapter, merge_adapter
 from merger.cli import main
-from merger.demo import NEW_TOKENS, build_demo_pair
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    return build_demo_pair(tmp_path_factory.mktemp("tok"))
-
-
-@pytest.fixture
-def copies(pair, tmp_path):
-    base, adapter = tmp_path / "base", tmp_path / "adapter"
-    shutil.copytree(pair[0], base)
-    shutil.copytree(pair[1], adapter)
-    return base, adapter
+from merger.demo import NEW_TOKENS
 
 
 @pytest.mark.parametrize("given", ["nowhere", "empty"])
