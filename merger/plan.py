@@ -8,16 +8,25 @@ the same plan; inspection prints it.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field, replace
 
 from .adapter import AdapterInfo
 from .checkpoint import CheckpointInfo
-from .errors import IncompatibleError
 from .keys import module_leaf
 from .layout import ModelLayout
 from .lora import lora_scale, pattern_value
 from .options import MergeOptions
+from .plan_rules import (
+    base_shape_problems,
+    choose_tokenizer,
+    embed_extra_rows,
+    is_module_copy,
+    prefer,
+    quantization_problem,
+    trained_on,
+    unmatched_targets,
+)
 from .vocab import Evidence, VocabDecision, decide_side, follow_other_side
 
 FLOAT_TAGS = {"F32", "F16", "BF16", "F64"}
@@ -158,7 +167,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             continue
         roles = by_module[module]
         if key.role in roles:  # e.g. save_embedding_layers also writes X.weight beside X.modules_to_save.weight
-            keep, spare = _prefer(roles[key.role], key.key)
+            keep, spare = prefer(roles[key.role], key.key)
             if adapter.tensors[keep].shape != adapter.tensors[spare].shape:
                 problems.append(f"{spare}: a second copy of {keep} with another shape ({list(adapter.tensors[spare].shape)} vs {list(adapter.tensors[keep].shape)}); the adapter file is inconsistent")
             roles[key.role] = keep
@@ -169,14 +178,14 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         modules = sorted(set(absent))
         problems.append(
             f"{len(modules)} modules the adapter targets do not exist in the base {layout.class_name} "
-            f"({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''}); {_trained_on(adapter)}"
+            f"({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''}); {trained_on(adapter)}"
         )
 
-    quantized = _quantization_problem(base, adapter)
+    quantized = quantization_problem(base, adapter)
     if quantized:
         problems.append(quantized)
     else:
-        problems.extend(_base_shape_problems(base, layout))
+        problems.extend(base_shape_problems(base, layout))
 
     embed_mod, head_mod = layout.embed_module, layout.head_module
     embed_w = f"{embed_mod}.weight" if embed_mod else None
@@ -215,7 +224,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
 
     tok_len = adapter.tokenizer.id_bound if adapter.tokenizer else None
     base_tok_len = base.tokenizer.id_bound if base.tokenizer else None
-    embed_extra = _embed_extra_rows(base, layout, embed_w, head_w)
+    embed_extra = embed_extra_rows(base, layout, embed_w, head_w)
     embed = head = None
     if embed_mod and embed_base_rows is not None:
         ev, supplied = evidence_for(embed_mod)
@@ -258,7 +267,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     # a full embedding that is not a modules_to_save copy replaces the base layer itself, which a
     # tied head shares (PEFT loads it into the shared parameter)
     embed_full = embed_roles.get("full_weight")
-    embed_full_shared = bool(embed_full) and not _is_module_copy(embed_full, embed_mod, adapter.modules_to_save)
+    embed_full_shared = bool(embed_full) and not is_module_copy(embed_full, embed_mod, adapter.modules_to_save)
     tie = base_tied
     if base_tied:
         head_changes = {r for r in head_roles if r != "original_weight"}
@@ -321,7 +330,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             problems.append(
                 f"{module}: {'lora_embedding_A' if kind == 'embedding' else 'lora_A'} {list(a.shape)} / B {list(b.shape)} "
                 f"do not fit the base weight {list(meta.weight_shape)} (A needs {a_cols} columns, B {b_rows} rows): "
-                f"the adapter was trained on another architecture or size; {_trained_on(adapter)}"
+                f"the adapter was trained on another architecture or size; {trained_on(adapter)}"
             )
             return None
         alpha = pattern_value(config.get("alpha_pattern"), module, scale_cfg["alpha"])
@@ -351,7 +360,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         if replace:
             rshape = adapter.tensors[replace].shape
             if shape is not None and decision is None and tuple(rshape) != shape:
-                problems.append(f"{replace}: shape {list(rshape)} does not match the base's {out_key} {list(shape)}: the adapter was trained on another model; {_trained_on(adapter)}")
+                problems.append(f"{replace}: shape {list(rshape)} does not match the base's {out_key} {list(shape)}: the adapter was trained on another model; {trained_on(adapter)}")
             shape = tuple(rshape)
             add_usage([replace], out_key)
         if rows is not None and shape is not None:
@@ -446,10 +455,10 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         edits.update(layout.config_overrides)
         edits["architectures"] = [layout.class_name]
 
-    unmatched = _unmatched_targets(config.get("target_modules"), layout)
+    unmatched = unmatched_targets(config.get("target_modules"), layout)
     if unmatched:
         notes.append(f"target_modules entries that match nothing in the base: {', '.join(unmatched)}")
-    tok_source, tok_reason = _choose_tokenizer(base, adapter, options)
+    tok_source, tok_reason = choose_tokenizer(base, adapter, options)
     blockers = _stream_blockers(layout, adapter)
     if parameter_lora:
         targets = ", ".join(config.get("target_parameters") or [])
@@ -461,14 +470,6 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     return MergePlan(base, adapter, layout, options, embed, head, tie, dtype, tuple(ops), edits,
                      tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems),
                      tuple(sorted(parameter_lora)), embed_extra)
-
-
-def _embed_extra_rows(base: CheckpointInfo, layout: ModelLayout, embed_w: str | None, head_w: str | None) -> int:
-    """Rows the model's class gives its embedding beyond its head, read off the meta model built
-    from config.json (Mllama: nn.Embedding(vocab_size + 8, ...) beside a vocab_size-row head)."""
-    if not embed_w or not head_w or embed_w not in layout.param_shapes or head_w not in layout.param_shapes:
-        return 0
-    return layout.param_shapes[embed_w][0] - layout.param_shapes[head_w][0]
 
 
 def _parameter_lora_owner(key, layout: ModelLayout, config: dict) -> str | None:
@@ -487,97 +488,6 @@ def _parameter_lora_owner(key, layout: ModelLayout, config: dict) -> str | None:
     if meta is None or meta.kind != "other":
         return None  # a LoRA pair on an ordinary layer
     return resolved
-
-
-def _base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]:
-    """Base tensors whose shapes disagree with the model its config.json describes.
-
-    The vocabulary dimension is exempt: the rows are read from the tensors themselves and the
-    config's vocab_size follows them.
-    """
-    vocab_params = {f"{m}.{p}" for m in (layout.embed_module, layout.head_module) if m for p in ("weight", "bias")}
-    model_keys = [layout.to_model_key.get(key, key) for key in base.tensors]
-    fused = {k for k, n in Counter(model_keys).items() if n > 1}  # per-expert tensors transformers stacks on load
-    wrong = []
-    for (key, meta), model_key in zip(base.tensors.items(), model_keys, strict=True):
-        expected = layout.param_shapes.get(model_key)
-        if expected is None or model_key in fused or tuple(meta.shape) == tuple(expected):
-            continue
-        if model_key in vocab_params and tuple(meta.shape[1:]) == tuple(expected[1:]):
-            continue
-        wrong.append(f"{key} {list(meta.shape)} (config: {list(expected)})")
-    if not wrong:
-        return []
-    count = "1 base tensor does not have the shape" if len(wrong) == 1 else f"{len(wrong)} base tensors do not have the shapes"
-    return [f"{base.folder}: {count} its config.json describes "
-            f"({'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}); the weights belong to another model size: "
-            "put the matching config.json beside them or re-download the base"]
-
-
-def _prefer(first: str, second: str) -> tuple[str, str]:
-    """Of two saved copies of one module's weight, the one PEFT loads into the trained module."""
-    rank = lambda k: 0 if ".modules_to_save." in k else 1  # noqa: E731
-    return (first, second) if rank(first) <= rank(second) else (second, first)
-
-
-def _quantization_problem(base: CheckpointInfo, adapter: AdapterInfo) -> str | None:
-    """A quantized base cannot take an exact merge: the update would be rounded into 4/8-bit weights."""
-    import re
-
-    quant = base.config.get("quantization_config") or base.text_config.get("quantization_config")
-    if not quant:
-        return None
-    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-    bits = "4-bit" if isinstance(quant, dict) and quant.get("load_in_4bit") else ("8-bit" if isinstance(quant, dict) and quant.get("load_in_8bit") else "")
-    name = str(adapter.config.get("base_model_name_or_path") or base.folder.name)
-    full = re.sub(r"[-_](bnb[-_])?(4|8)bit$|[-_]bnb[-_]4bit$", "", name)
-    hint = f" (e.g. {full})" if full != name else ""
-    return (f"{base.folder}: the base is quantized ({method} {bits}".rstrip() + "); merging into quantized weights rounds the "
-            f"adapter's update away and needs the quantization library; merge into the full-precision model{hint} "
-            "that the quantized one was made from")
-
-
-def _is_module_copy(key: str, module: str | None, modules_to_save: list[str]) -> bool:
-    """Whether a full weight is a modules_to_save copy (trained beside the base layer) rather than
-    the base layer itself (saved by save_embedding_layers or as LoRA's base_layer)."""
-    if ".modules_to_save." in key:
-        return True
-    if ".base_layer." in key or not module:
-        return False
-    return any(module == name or module.endswith("." + name) for name in modules_to_save)
-
-
-def _unmatched_targets(targets, layout: ModelLayout) -> list[str]:
-    """Config target_modules names (PEFT's suffix rule) or regex that match no module of the base."""
-    import re
-
-    if not targets or targets == "all-linear":
-        return []
-    names = list(layout.modules)
-    if isinstance(targets, str):
-        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
-    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
-
-
-def _trained_on(adapter: AdapterInfo) -> str:
-    trained = adapter.config.get("base_model_name_or_path")
-    return f"the adapter was trained on {trained}; merge it into that model" if trained else "merge it into the model it was trained on"
-
-
-def _choose_tokenizer(base: CheckpointInfo, adapter: AdapterInfo, options: MergeOptions) -> tuple[str | None, str]:
-    choice = options.tokenizer
-    if choice == "adapter" or (choice == "auto" and adapter.tokenizer):
-        if not adapter.tokenizer:
-            raise IncompatibleError(f"{adapter.folder}: --tokenizer adapter was asked for but the adapter folder has no tokenizer files")
-        where = "the adapter folder" if adapter.tokenizer.folder == str(adapter.folder) else f"{adapter.tokenizer.folder}, beside the named adapter,"
-        if not adapter.tokenizer.complete:
-            return adapter.tokenizer.folder, f"{where} has tokenizer config files without a vocabulary: they are written over the base's tokenizer files"
-        return adapter.tokenizer.folder, f"{where} has the tokenizer used in training"
-    if choice in ("base", "auto"):
-        if base.tokenizer:
-            return str(base.folder), "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"
-        return None, "neither the adapter nor the base folder has tokenizer files"
-    return choice, "a tokenizer folder was given"
 
 
 def _stream_blockers(layout: ModelLayout, adapter: AdapterInfo) -> list[str]:

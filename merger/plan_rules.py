@@ -1,0 +1,110 @@
+"""Rules plan_merge applies that need no state of its own: refusals found in the base (quantized
+weights, shapes its config contradicts), which saved copy of a layer PEFT loads, the tokenizer
+written to OUT, and the wording that points users at the model an adapter was trained on.
+Pure: facts in, decisions or messages out."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from .adapter import AdapterInfo
+from .checkpoint import CheckpointInfo
+from .errors import IncompatibleError
+from .layout import ModelLayout
+from .options import MergeOptions
+
+
+def embed_extra_rows(base: CheckpointInfo, layout: ModelLayout, embed_w: str | None, head_w: str | None) -> int:
+    """Rows the model's class gives its embedding beyond its head, read off the meta model built
+    from config.json (Mllama: nn.Embedding(vocab_size + 8, ...) beside a vocab_size-row head)."""
+    if not embed_w or not head_w or embed_w not in layout.param_shapes or head_w not in layout.param_shapes:
+        return 0
+    return layout.param_shapes[embed_w][0] - layout.param_shapes[head_w][0]
+
+
+def base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]:
+    """Base tensors whose shapes disagree with the model its config.json describes.
+
+    The vocabulary dimension is exempt: the rows are read from the tensors themselves and the
+    config's vocab_size follows them.
+    """
+    vocab_params = {f"{m}.{p}" for m in (layout.embed_module, layout.head_module) if m for p in ("weight", "bias")}
+    model_keys = [layout.to_model_key.get(key, key) for key in base.tensors]
+    fused = {k for k, n in Counter(model_keys).items() if n > 1}  # per-expert tensors transformers stacks on load
+    wrong = []
+    for (key, meta), model_key in zip(base.tensors.items(), model_keys, strict=True):
+        expected = layout.param_shapes.get(model_key)
+        if expected is None or model_key in fused or tuple(meta.shape) == tuple(expected):
+            continue
+        if model_key in vocab_params and tuple(meta.shape[1:]) == tuple(expected[1:]):
+            continue
+        wrong.append(f"{key} {list(meta.shape)} (config: {list(expected)})")
+    if not wrong:
+        return []
+    count = "1 base tensor does not have the shape" if len(wrong) == 1 else f"{len(wrong)} base tensors do not have the shapes"
+    return [f"{base.folder}: {count} its config.json describes "
+            f"({'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}); the weights belong to another model size: "
+            "put the matching config.json beside them or re-download the base"]
+
+
+def prefer(first: str, second: str) -> tuple[str, str]:
+    """Of two saved copies of one module's weight, the one PEFT loads into the trained module."""
+    rank = lambda k: 0 if ".modules_to_save." in k else 1  # noqa: E731
+    return (first, second) if rank(first) <= rank(second) else (second, first)
+
+
+def quantization_problem(base: CheckpointInfo, adapter: AdapterInfo) -> str | None:
+    """A quantized base cannot take an exact merge: the update would be rounded into 4/8-bit weights."""
+    quant = base.config.get("quantization_config") or base.text_config.get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+    bits = "4-bit" if isinstance(quant, dict) and quant.get("load_in_4bit") else ("8-bit" if isinstance(quant, dict) and quant.get("load_in_8bit") else "")
+    name = str(adapter.config.get("base_model_name_or_path") or base.folder.name)
+    full = re.sub(r"[-_](bnb[-_])?(4|8)bit$|[-_]bnb[-_]4bit$", "", name)
+    hint = f" (e.g. {full})" if full != name else ""
+    return (f"{base.folder}: the base is quantized ({method} {bits}".rstrip() + "); merging into quantized weights rounds the "
+            f"adapter's update away and needs the quantization library; merge into the full-precision model{hint} "
+            "that the quantized one was made from")
+
+
+def is_module_copy(key: str, module: str | None, modules_to_save: list[str]) -> bool:
+    """Whether a full weight is a modules_to_save copy (trained beside the base layer) rather than
+    the base layer itself (saved by save_embedding_layers or as LoRA's base_layer)."""
+    if ".modules_to_save." in key:
+        return True
+    if ".base_layer." in key or not module:
+        return False
+    return any(module == name or module.endswith("." + name) for name in modules_to_save)
+
+
+def unmatched_targets(targets, layout: ModelLayout) -> list[str]:
+    """Config target_modules names (PEFT's suffix rule) or regex that match no module of the base."""
+    if not targets or targets == "all-linear":
+        return []
+    names = list(layout.modules)
+    if isinstance(targets, str):
+        return [] if any(re.fullmatch(targets, n) for n in names) else [targets]
+    return [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+
+
+def trained_on(adapter: AdapterInfo) -> str:
+    trained = adapter.config.get("base_model_name_or_path")
+    return f"the adapter was trained on {trained}; merge it into that model" if trained else "merge it into the model it was trained on"
+
+
+def choose_tokenizer(base: CheckpointInfo, adapter: AdapterInfo, options: MergeOptions) -> tuple[str | None, str]:
+    choice = options.tokenizer
+    if choice == "adapter" or (choice == "auto" and adapter.tokenizer):
+        if not adapter.tokenizer:
+            raise IncompatibleError(f"{adapter.folder}: --tokenizer adapter was asked for but the adapter folder has no tokenizer files")
+        where = "the adapter folder" if adapter.tokenizer.folder == str(adapter.folder) else f"{adapter.tokenizer.folder}, beside the named adapter,"
+        if not adapter.tokenizer.complete:
+            return adapter.tokenizer.folder, f"{where} has tokenizer config files without a vocabulary: they are written over the base's tokenizer files"
+        return adapter.tokenizer.folder, f"{where} has the tokenizer used in training"
+    if choice in ("base", "auto"):
+        if base.tokenizer:
+            return str(base.folder), "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"
+        return None, "neither the adapter nor the base folder has tokenizer files"
+    return choice, "a tokenizer folder was given"
