@@ -33,7 +33,8 @@ def probe_ids(plan, count: int = 24) -> list[int]:
     added = []
     if plan.adapter.tokenizer:
         added = [i for i, _, _ in plan.adapter.tokenizer.added_tokens if i < rows and i not in banned]
-    new = [i for d in (plan.embed,) if d for i in d.grown_rows if i not in banned]
+    trained_rows = plan.embed.rows - plan.embed_design_pad if plan.embed else rows  # appended design rows hold no token
+    new = [i for d in (plan.embed,) if d for i in d.grown_rows if i not in banned and i < trained_rows]
     rng = random.Random(0)
     ordinary = [rng.randrange(0, min(rows, plan.embed.base_rows if plan.embed else rows)) for _ in range(count)]
     ids = list(dict.fromkeys(added[-16:] + new[:16]))
@@ -78,7 +79,7 @@ def _resized_base(plan, load_base, resize_like_plan):
     import torch
 
     model = load_base(plan)
-    resize_like_plan(model, plan)
+    resize_like_plan(model, plan, as_trained=True)
     if plan.dtype != plan.base.dtype:
         model.to(getattr(torch, plan.dtype))
     return model

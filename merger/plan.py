@@ -93,6 +93,9 @@ class MergePlan:
     parameter_lora: tuple[str, ...] = field(default=())
     # embedding rows beyond vocab_size by the model's design (Mllama: 8); 0 for nearly every model
     embed_extra_rows: int = 0
+    # of those, rows the merge appends because the adapter was trained without them (transformers'
+    # resize drops them): the trained model had embed.rows - embed_design_pad rows
+    embed_design_pad: int = 0
 
     @property
     def stories(self) -> list[str]:
@@ -225,6 +228,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     tok_len = adapter.tokenizer.id_bound if adapter.tokenizer else None
     base_tok_len = base.tokenizer.id_bound if base.tokenizer else None
     embed_extra = embed_extra_rows(base, layout, embed_w, head_w)
+    embed_design_pad = 0
     embed = head = None
     if embed_mod and embed_base_rows is not None:
         ev, supplied = evidence_for(embed_mod)
@@ -242,6 +246,17 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             embed = follow_other_side(module_leaf(embed_mod), embed_base_rows, own, tok_len, sup_e, embed_extra)
         else:
             head = own
+        if embed_extra and head.rows == embed.rows:
+            # transformers' resize_token_embeddings gave this model's embedding the head's rows,
+            # dropping the design's extra rows (Mllama: vocab_size + 8): restore them past every
+            # token id, filled by the new-rows rule, so the checkpoint loads and every token's
+            # row and logit is the trained model's
+            embed_design_pad = embed_extra
+            story = (f"{embed.story}; {embed_extra} rows appended after them, as {layout.class_name} keeps its embedding "
+                     f"{embed_extra} rows longer than its head (vocab_size + {embed_extra}) and transformers' resize dropped them")
+            embed = replace(embed, rows=embed.rows + embed_extra, story=story,
+                            notes=embed.notes + (f"{embed.name}: rows {embed.rows}-{embed.rows + embed_extra - 1} restore "
+                                                 f"{layout.class_name}'s design rows; no token uses them",))
         if head.rows != embed.rows - embed_extra:
             design = (f"; {layout.class_name} gives its embedding {embed_extra} rows more than its head (vocab_size + {embed_extra}), "
                       "which transformers' resize_token_embeddings does not keep for it, so the model this adapter was "
@@ -469,7 +484,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
     return MergePlan(base, adapter, layout, options, embed, head, tie, dtype, tuple(ops), edits,
                      tok_source, tok_reason, usage, tuple(notes), tuple(blockers), tuple(problems),
-                     tuple(sorted(parameter_lora)), embed_extra)
+                     tuple(sorted(parameter_lora)), embed_extra, embed_design_pad)
 
 
 def _parameter_lora_owner(key, layout: ModelLayout, config: dict) -> str | None:

@@ -306,7 +306,7 @@ def _check_new_rows(plan, reader, adapter, report, tol) -> None:
             expected = adapter.read(op.token_rows_key).float()
         elif op.replace_key:
             source = adapter.read(op.replace_key).float()
-            rows = list(decision.grown_rows) or [source.shape[0] - 1]
+            rows = [r for r in decision.grown_rows if r < source.shape[0]] or [source.shape[0] - 1]
             expected = source[rows]
         else:
             continue

@@ -178,17 +178,30 @@ def test_mllama_keeps_its_embedding_eight_rows_past_the_head(tmp_path):
         torch.testing.assert_close(merged(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_mllama_resized_by_transformers_is_refused_with_the_reason(tmp_path):
+def test_mllama_resized_by_transformers_gets_its_design_rows_back(tmp_path):
+    # what users call: resize_token_embeddings gives Mllama's embedding the head's rows (72/72),
+    # dropping its vocab_size + 8 design; merged, the embedding gets 8 rows past every token id
+    # again, so the checkpoint loads and every token's logits are the trained model's
     from peft import LoraConfig, get_peft_model
 
-    from merger import IncompatibleError
+    from .factories import perturb_trainable
 
     base = tmp_path / "base"
     _mllama().save_pretrained(base)
     model = type(_mllama()).from_pretrained(base)
-    model.resize_token_embeddings(72)  # what users call: embedding and head both get 72 rows
+    model.resize_token_embeddings(72)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]))
+    perturb_trainable(peft_model, seed=2)
     peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
-    with pytest.raises(IncompatibleError, match=r"lm_head: the adapter's head has 72 rows but its embedding 72; .* gives its embedding 8 rows more than its head"):
-        merge_adapter(base, tmp_path / "adapter", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+
+    with pytest.raises(UnsupportedError, match=r"--engine peft: transformers' resize_token_embeddings gives MllamaForConditionalGeneration's head"):
+        merge_adapter(base, tmp_path / "adapter", tmp_path / "peft", engine="peft")
+    result = merge_adapter(base, tmp_path / "adapter", tmp_path / "out", validate="full")
+    assert (result.plan.embed.rows, result.plan.head.rows, result.plan.embed_design_pad) == (80, 72, 8)
+    assert result.validation.ok and result.validation.metrics["logits_checked"] is True
+    assert "rows 72-79 restore MllamaForConditionalGeneration's design rows; no token uses them" in " ".join(result.plan.notes)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["text_config"]["vocab_size"] == 72
+    merged = type(model).from_pretrained(tmp_path / "out").eval()
+    ids = torch.tensor([[1, 5, 9, 64, 70, 71]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, peft_model.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -94,26 +94,33 @@ def _set_tie(model, tie: bool) -> None:
         config.tie_word_embeddings = tie
 
 
-def resize_like_plan(model, plan: MergePlan) -> None:
-    """Give embedding and head exactly the planned rows (grown rows by the plan's rule)."""
+def resize_like_plan(model, plan: MergePlan, as_trained: bool = False) -> None:
+    """Give embedding and head exactly the planned rows (grown rows by the plan's rule).
+
+    ``as_trained``: the rows the adapter was trained with instead, for the unmerged reference
+    model; they differ only where the plan restores design rows transformers' resize dropped.
+    """
     import torch
 
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     if plan.embed is None or not plan.embed.changed and (plan.head is None or not plan.head.changed):
         return
+    rows = plan.embed.rows
     if plan.embed_extra_rows:
-        raise UnsupportedError(f"--engine peft: transformers' resize_token_embeddings gives {plan.layout.class_name}'s head "
-                               f"the embedding's rows, but its embedding has {plan.embed_extra_rows} more by design; "
-                               "use --engine stream, which sizes each matrix on its own")
+        if not (as_trained and plan.embed_design_pad):
+            raise UnsupportedError(f"--engine peft: transformers' resize_token_embeddings gives {plan.layout.class_name}'s head "
+                                   f"the embedding's rows, but its embedding has {plan.embed_extra_rows} more by design; "
+                                   "use --engine stream, which sizes each matrix on its own")
+        rows -= plan.embed_design_pad  # what transformers' resize made of the model the adapter was trained on
     old_embed = embed.weight.detach().clone()
     old_head = head.weight.detach().clone() if head is not None and head.weight is not embed.weight else None
     old_bias = head.bias.detach().clone() if head is not None and getattr(head, "bias", None) is not None else None
-    model.resize_token_embeddings(plan.embed.rows, mean_resizing=False)
+    model.resize_token_embeddings(rows, mean_resizing=False)
     embed = model.get_input_embeddings()
     head = model.get_output_embeddings()
     with torch.no_grad():
-        embed.weight.copy_(grow_rows(old_embed, plan.embed.rows, plan.options.new_rows))
+        embed.weight.copy_(grow_rows(old_embed, rows, plan.options.new_rows))
         if old_head is not None:
             head.weight.copy_(grow_rows(old_head, plan.head.rows, plan.options.new_rows))
         if old_bias is not None:  # one logit bias per row: grown by the same rule as the rows
