@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .commit import check_free_space, check_output_target, promote, staging_folder
-from .errors import IncompatibleError, MergerError, OptionsError, OutputExistsError, ValidationFailedError
+from .errors import IncompatibleError, MergerError, OptionsError, ValidationFailedError
 from .facts import gather_facts
 from .options import MergeOptions
 from .plan import MergePlan, plan_merge
@@ -95,9 +95,8 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     """
     started = time.monotonic()
     opts = _options(options, overrides)
-    check_tokenizer_source(opts.tokenizer)
     if not str(out).strip():
-        raise OutputExistsError("--out is empty; pass the folder to write the merged model to")
+        raise OptionsError("--out is empty; pass the folder to write the merged model to")
     out = Path(out).expanduser()
     adapter_dir = resolve_folder(adapter, "adapter")
     base_dir = resolve_base(base, adapter_dir)

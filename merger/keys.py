@@ -78,5 +78,15 @@ def parse_adapter_key(key: str) -> AdapterKey | None:
     return None
 
 
+# the suffixes quantized re-uploads carry: unsloth/llama-3-8b-bnb-4bit, TheBloke/...-GPTQ, ...-AWQ
+_QUANTIZED_SUFFIX = re.compile(r"[-_](bnb[-_])?[48]bit$|[-_](gptq|awq)(-int[48])?$", re.IGNORECASE)
+
+
+def full_precision_name(name: str) -> str | None:
+    """The model a quantized re-upload was made from, by its name (None when the name says nothing)."""
+    full = _QUANTIZED_SUFFIX.sub("", name)
+    return full if full != name else None
+
+
 def module_leaf(module: str) -> str:
     return module.rsplit(".", 1)[-1]

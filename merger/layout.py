@@ -74,6 +74,16 @@ def choose_model_class(config: dict[str, Any], task_type: str | None, extra_head
     return getattr(transformers, auto_name), overrides
 
 
+def meta_model(cls, hf_config, trust_remote_code: bool = False):
+    """``cls`` built from ``hf_config`` on the meta device: every module and shape, no memory."""
+    import torch
+
+    with torch.device("meta"):
+        if cls.__name__.startswith("Auto"):
+            return cls.from_config(hf_config, trust_remote_code=trust_remote_code)
+        return cls._from_config(hf_config)
+
+
 def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_type: str | None = None,
                  extra_head_rows: int | None = None, trust_remote_code: bool = False) -> ModelLayout:
     """Build the model on the meta device and describe its modules and key mapping."""
@@ -106,11 +116,7 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
     for key, value in overrides.items():
         setattr(hf_config, key, value)
     try:
-        with torch.device("meta"):
-            if cls.__name__.startswith("Auto"):
-                model = cls.from_config(hf_config, trust_remote_code=trust_remote_code)
-            else:
-                model = cls._from_config(hf_config)
+        model = meta_model(cls, hf_config, trust_remote_code)
     except Exception as exc:
         raise CheckpointError(f"{folder}: cannot build {cls.__name__} from its config ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
 

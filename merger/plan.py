@@ -227,7 +227,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
 
     tok_len = adapter.tokenizer.id_bound if adapter.tokenizer else None
     base_tok_len = base.tokenizer.id_bound if base.tokenizer else None
-    embed_extra = embed_extra_rows(base, layout, embed_w, head_w)
+    embed_extra = embed_extra_rows(layout, embed_w, head_w)
     embed_design_pad = 0
     embed = head = None
     if embed_mod and embed_base_rows is not None:

@@ -11,11 +11,12 @@ from collections import Counter
 from .adapter import AdapterInfo
 from .checkpoint import CheckpointInfo
 from .errors import IncompatibleError
+from .keys import full_precision_name
 from .layout import ModelLayout
 from .options import MergeOptions
 
 
-def embed_extra_rows(base: CheckpointInfo, layout: ModelLayout, embed_w: str | None, head_w: str | None) -> int:
+def embed_extra_rows(layout: ModelLayout, embed_w: str | None, head_w: str | None) -> int:
     """Rows the model's class gives its embedding beyond its head, read off the meta model built
     from config.json (Mllama: nn.Embedding(vocab_size + 8, ...) beside a vocab_size-row head)."""
     if not embed_w or not head_w or embed_w not in layout.param_shapes or head_w not in layout.param_shapes:
@@ -62,8 +63,8 @@ def quantization_problem(base: CheckpointInfo, adapter: AdapterInfo) -> str | No
     method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
     bits = "4-bit" if isinstance(quant, dict) and quant.get("load_in_4bit") else ("8-bit" if isinstance(quant, dict) and quant.get("load_in_8bit") else "")
     name = str(adapter.config.get("base_model_name_or_path") or base.folder.name)
-    full = re.sub(r"[-_](bnb[-_])?(4|8)bit$|[-_]bnb[-_]4bit$", "", name)
-    hint = f" (e.g. {full})" if full != name else ""
+    full = full_precision_name(name)
+    hint = f" (e.g. {full})" if full else ""
     return (f"{base.folder}: the base is quantized ({method} {bits}".rstrip() + "); merging into quantized weights rounds the "
             f"adapter's update away and needs the quantization library; merge into the full-precision model{hint} "
             "that the quantized one was made from")

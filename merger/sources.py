@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from .errors import AdapterError, InputNotFoundError
-from .keys import ADAPTER_CONFIG
+from .keys import ADAPTER_CONFIG, full_precision_name
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +80,9 @@ def resolve_base(base: str | os.PathLike | None, adapter_dir: Path) -> Path:
     try:
         return resolve_folder(path if path.exists() else recorded, "base", label)
     except InputNotFoundError as exc:
-        hint = ""
-        if re.search(r"bnb|[-_]4bit|[-_]8bit|gptq|awq", str(recorded), re.IGNORECASE):
-            # QLoRA adapters record the quantized model they were trained on
-            hint = "; it names a quantized model: merge into the full-precision model it was made from"
+        # QLoRA adapters record the quantized model they were trained on
+        full = full_precision_name(str(recorded))
+        hint = f"; it names a quantized model: merge into the full-precision model it was made from (e.g. {full})" if full else ""
         raise InputNotFoundError(f"{exc}, or pass --base{hint}") from None
 
 

@@ -53,3 +53,16 @@ def test_bad_choice_is_named():
 
 def test_dashes_accepted_like_the_cli():
     assert MergeOptions.from_mapping({"max-shard-size": "1GB"}).max_shard_size == "1GB"
+
+
+@pytest.mark.parametrize(("name", "full"), [
+    ("unsloth/llama-3-8b-bnb-4bit", "unsloth/llama-3-8b"),
+    ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", "unsloth/Llama-3.2-1B-Instruct"),
+    ("TheBloke/Llama-2-7B-GPTQ", "TheBloke/Llama-2-7B"),
+    ("Qwen/Qwen2-7B-Instruct-AWQ", "Qwen/Qwen2-7B-Instruct"),
+    ("meta-llama/Llama-2-7b-hf", None),
+])
+def test_full_precision_name_of_a_quantized_upload(name, full):
+    from merger.keys import full_precision_name
+
+    assert full_precision_name(name) == full

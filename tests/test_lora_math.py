@@ -57,36 +57,27 @@ def test_matches_peft_linear_merge(use_rslora):
     assert math.isclose(layer.scaling["default"], lora_scale(7, 2, use_rslora))
 
 
-def test_matches_peft_dora_merge():
+@pytest.mark.parametrize("layer", ["linear", "embedding"])
+def test_matches_peft_dora_merge(layer):
+    # a Linear normalises per output row; PEFT normalises an Embedding (num, dim) per dimension
+    # over all rows, as it does a Conv1D, so its magnitude has one entry per dimension
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True, init_lora_weights=False))
-    layer = peft.base_model.model[0]
+    module = torch.nn.Linear(6, 5) if layer == "linear" else torch.nn.Embedding(7, 4)
+    peft = get_peft_model(torch.nn.Sequential(module), LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True,
+                                                                  init_lora_weights=False))
+    lora = peft.base_model.model[0]
     with torch.no_grad():
-        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
-    base = layer.base_layer.weight.detach().clone()
-    delta = linear_delta(layer.lora_A["default"].weight, layer.lora_B["default"].weight, 2.0)
-    got = dora_weight(base, delta, layer.lora_magnitude_vector["default"].weight.detach())
-    layer.merge()
-    torch.testing.assert_close(got, layer.base_layer.weight.detach(), rtol=1e-5, atol=1e-6)
-
-
-def test_matches_peft_dora_embedding_merge():
-    # PEFT normalises an Embedding (num, dim) per dimension over all rows, as it does a Conv1D
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Embedding(7, 4))
-    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=True, init_lora_weights=False))
-    layer = peft.base_model.model[0]
-    with torch.no_grad():
-        layer.lora_magnitude_vector["default"].weight.mul_(1.5)
-    magnitude = layer.lora_magnitude_vector["default"].weight.detach()
-    assert magnitude.shape == (4,)
-    base = layer.base_layer.weight.detach().clone()
-    delta = embedding_delta(layer.lora_embedding_A["default"], layer.lora_embedding_B["default"], layer.scaling["default"])
-    got = dora_weight(base, delta, magnitude, fan_in_fan_out=True)
-    layer.merge()
-    torch.testing.assert_close(got, layer.base_layer.weight.detach(), rtol=1e-5, atol=1e-6)
+        lora.lora_magnitude_vector["default"].weight.mul_(1.5)
+    magnitude = lora.lora_magnitude_vector["default"].weight.detach()
+    base = lora.base_layer.weight.detach().clone()
+    if layer == "linear":
+        delta = linear_delta(lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"])
+        got = dora_weight(base, delta, magnitude)
+    else:
+        assert magnitude.shape == (4,)
+        delta = embedding_delta(lora.lora_embedding_A["default"], lora.lora_embedding_B["default"], lora.scaling["default"])
+        got = dora_weight(base, delta, magnitude, fan_in_fan_out=True)
+    lora.merge()
+    torch.testing.assert_close(got, lora.base_layer.weight.detach(), rtol=1e-5, atol=1e-6)

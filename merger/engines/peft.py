@@ -47,16 +47,14 @@ def _spans_devices(placement: dict) -> bool:
 
 def _meta_model(plan: MergePlan, cls):
     """The base model with no weights, for placement arithmetic."""
-    import torch
     from transformers import AutoConfig
+
+    from ..layout import meta_model
 
     config = AutoConfig.from_pretrained(str(plan.base.folder), trust_remote_code=plan.options.trust_remote_code)
     for key, value in plan.layout.config_overrides.items():
         setattr(config, key, value)
-    with torch.device("meta"):
-        if cls.__name__.startswith("Auto"):
-            return cls.from_config(config, trust_remote_code=plan.options.trust_remote_code)
-        return cls._from_config(config)
+    return meta_model(cls, config, plan.options.trust_remote_code)
 
 
 def model_class(plan: MergePlan):
