@@ -6,13 +6,14 @@ with ``torch.load(weights_only=True)`` onto the meta device.
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import AdapterError, InputNotFoundError, UnsupportedError
+from .inputs import confined, read_json, short
 from .keys import ADAPTER_CONFIG, AdapterKey, parse_adapter_key
 from .tensors import TensorMeta, read_safetensors_header, read_torch_bin_metas
 from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts
@@ -101,12 +102,8 @@ def read_adapter_config(folder: Path) -> dict[str, Any]:
         if (folder / "config.json").is_file():
             hint = " (it has config.json: is this a full model rather than an adapter?)"
         raise AdapterError(f"{folder}: not a PEFT adapter: no {ADAPTER_CONFIG}{hint}; pass the folder PEFT's save_pretrained wrote")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise AdapterError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix or re-save the file") from None
-    except UnicodeDecodeError as exc:
-        raise AdapterError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}); it is not a JSON config, re-save the adapter") from None
+    confined(folder, ADAPTER_CONFIG, "adapter folder", AdapterError)
+    config = read_json(path, "adapter config", AdapterError)
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object, found {type(config).__name__}")
     if "peft_type" not in config:
@@ -126,7 +123,7 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
         raise UnsupportedError(f"{path}: peft_type {peft_type} is not supported (merger merges {', '.join(SUPPORTED_PEFT_TYPES)}); merge it with PEFT's merge_and_unload")
     for name, reason in _REFUSED_LORA_FIELDS.items():
         if config.get(name):
-            raise UnsupportedError(f"{path}: {name}={config[name]!r} cannot be merged into plain weights: {reason}")
+            raise UnsupportedError(f"{path}: {name}={short(config[name])} cannot be merged into plain weights: {reason}")
     if peft_type == "LORA":
         if "r" not in config:
             raise AdapterError(f"{path}: LoRA config lacks 'r'; it is not a complete PEFT LoraConfig")
@@ -137,28 +134,30 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
 
 def _check_value_types(config: dict[str, Any], path: Path) -> None:
     """The LoRA fields the arithmetic uses must have PEFT's types: a hand-edited "16" would divide."""
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    def number(value) -> bool:  # finite: a NaN alpha scales every delta by NaN, an infinite one overflows
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     expected = {
         "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
-        "lora_alpha": (number, "a number"),
+        "lora_alpha": (number, "a finite number"),
         "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, int) and x > 0 for x in v.values())), "a mapping of module pattern to positive integer"),
-        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(number(x) for x in v.values())), "a mapping of module pattern to number"),
+        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(number(x) for x in v.values())), "a mapping of module pattern to finite number"),
         "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names or a regex string"),
         "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names"),
     }
     for key, (ok, what) in expected.items():
         if key in config and not ok(config[key]):
-            raise AdapterError(f"{path}: {key} is {config[key]!r} but PEFT writes {what} there; fix the value or re-save the adapter")
+            raise AdapterError(f"{path}: {key} is {short(config[key])} but PEFT writes {what} there; fix the value or re-save the adapter")
 
 
 def read_adapter_tensors(folder: Path) -> tuple[str, dict[str, TensorMeta]]:
     safe = folder / "adapter_model.safetensors"
     legacy = folder / "adapter_model.bin"
-    if safe.is_file():
+    if safe.is_file() or safe.is_symlink():
+        confined(folder, safe.name, "adapter folder", AdapterError)
         return safe.name, read_safetensors_header(safe, error=AdapterError)
-    if legacy.is_file():
+    if legacy.is_file() or legacy.is_symlink():
+        confined(folder, legacy.name, "adapter folder", AdapterError)
         return legacy.name, read_torch_bin_metas(legacy, error=AdapterError)
     raise AdapterError(f"{folder}: no adapter weights (adapter_model.safetensors or adapter_model.bin); the adapter save did not finish")
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, InputNotFoundError
+from .inputs import confined, input_files, read_json, short
 from .keys import BIN_INDEX, BIN_SINGLE, CONFIG, GENERATION_CONFIG, SAFE_INDEX, SAFE_SINGLE
 from .tensors import TORCH_NAMES, TensorMeta, read_safetensors_header, read_torch_bin_metas
 from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts
@@ -74,12 +74,7 @@ class CheckpointInfo:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: malformed {what} JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix or re-download it") from None
-    except UnicodeDecodeError as exc:
-        raise CheckpointError(f"{path}: not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}), so not a {what} JSON file; re-download it") from None
+    return read_json(path, what, CheckpointError)
 
 
 def _shard_files(folder: Path) -> tuple[str, list[str], dict]:
@@ -90,7 +85,12 @@ def _shard_files(folder: Path) -> tuple[str, list[str], dict]:
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not weight_map:
                 raise CheckpointError(f"{index_path}: has no weight_map; re-download the index")
+            odd = next((v for v in weight_map.values() if not isinstance(v, str)), None)
+            if odd is not None:
+                raise CheckpointError(f"{index_path}: weight_map names the file {short(odd)}, not a file name; re-download the index")
             files = sorted(set(weight_map.values()))
+            for name in files:
+                confined(folder, name, f"{index_name} of", CheckpointError)
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
                 raise CheckpointError(
@@ -98,11 +98,11 @@ def _shard_files(folder: Path) -> tuple[str, list[str], dict]:
                     f"({', '.join(missing[:3])}); download the complete checkpoint"
                 )
             return fmt, files, index
-    if (folder / SAFE_SINGLE).is_file():
-        return "safetensors", [SAFE_SINGLE], {}
-    if (folder / BIN_SINGLE).is_file():
-        return "bin", [BIN_SINGLE], {}
-    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    for single, fmt in ((SAFE_SINGLE, "safetensors"), (BIN_SINGLE, "bin")):
+        if (folder / single).is_file():
+            confined(folder, single, "base model folder", CheckpointError)
+            return fmt, [single], {}
+    found = [p.name for p in input_files(folder, "base model folder", CheckpointError, "*.safetensors")]
     if found:
         return "safetensors", found, {}
     raise CheckpointError(f"{folder}: no model weights (model.safetensors, a shard index or pytorch_model.bin); download the base model's weights")
@@ -113,6 +113,8 @@ def inspect_checkpoint_folder(folder: str | Path) -> CheckpointInfo:
     if not folder.exists():
         raise InputNotFoundError(f"base model folder {folder}: does not exist; pass a local model folder or a Hub id")
     config_path = folder / CONFIG
+    if config_path.is_file() or config_path.is_symlink():
+        confined(folder, CONFIG, "base model folder", CheckpointError)
     if not config_path.is_file():
         hint = " (it has adapter_config.json: did you swap --base and --adapter?)" if (folder / "adapter_config.json").is_file() else ""
         raise CheckpointError(f"{folder}: no config.json{hint}; pass the base model's folder")
@@ -124,6 +126,10 @@ def inspect_checkpoint_folder(folder: str | Path) -> CheckpointInfo:
     for name in files:
         path = folder / name
         metas = read_safetensors_header(path) if fmt == "safetensors" else read_torch_bin_metas(path)
+        twice = sorted(set(metas) & set(tensors))
+        if twice:
+            raise CheckpointError(f"{folder}: tensor {short(twice[0])} is in both {tensors[twice[0]].file} and {name}; "
+                                  "the checkpoint is corrupt or mixes two saves: re-download it")
         tensors.update(metas)
     if index:
         listed = set(index["weight_map"])
@@ -138,5 +144,5 @@ def inspect_checkpoint_folder(folder: str | Path) -> CheckpointInfo:
         tensors=tensors,
         tokenizer=read_tokenizer_facts(folder),
         has_generation_config=(folder / GENERATION_CONFIG).is_file(),
-        index_metadata=index.get("metadata", {}) if index else {},
+        index_metadata=index.get("metadata") if isinstance(index.get("metadata"), dict) else {},
     )

@@ -42,6 +42,18 @@ class IncompatibleError(MergerError, ValueError):
         super().__init__(first if not more else f"{first} (and {more} more problems; merge-adapter inspect lists them)")
 
 
+class InputFileError(MergerError, ValueError):
+    """An input file (tokenizer, config, options file) is malformed."""
+
+
+class UnsafeInputError(MergerError, PermissionError):
+    """An input names a file outside its folder, or would run code without --trust-remote-code."""
+
+
+class OutputLockedError(MergerError, BlockingIOError):
+    """Another run holds OUT: two merges must never write one folder."""
+
+
 class UnsupportedError(MergerError, NotImplementedError):
     """The adapter uses something merger cannot merge correctly; it refuses rather than guess."""
 

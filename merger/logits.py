@@ -46,7 +46,7 @@ def check_logits(out_dir: Path, plan, report) -> None:
     import torch
 
     from .engines.peft import attach_adapter, load_base, model_class, resize_like_plan
-    from .validate import FP32_REL_TOL, LOW_PRECISION_REL_TOL
+    from .validate import FP32_REL_TOL, LOW_PRECISION_REL_TOL, exceeds
 
     need = plan.base.total_bytes * 2 * (4 // max(1, _bytes_per(plan.base.dtype)))
     if need > 0.8 * available_memory():
@@ -70,7 +70,7 @@ def check_logits(out_dir: Path, plan, report) -> None:
     tol = FP32_REL_TOL if plan.dtype == "float32" else LOW_PRECISION_REL_TOL.get(plan.dtype, 3e-2)
     report.metrics["max_rel_error_logits"] = err
     report.metrics["logits_checked"] = True
-    if err > tol:
+    if exceeds(err, tol):
         report.fail("logits-differ", f"merged logits differ from base + unmerged adapter by {err:.2e} of their range (tolerance {tol:.0e}) on ids {ids[0, :8].tolist()}...")
     report.checks.append(f"logits equal base + unmerged adapter on {ids.shape[1]} ids incl. added tokens (max error {err:.1e} of range)")
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from pathlib import Path
 
+from .inputs import copy_input_file, copy_input_tree, input_files
 from .keys import ADAPTER_FILES, CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILES, CONFIG, GENERATION_CONFIG, PROCESSOR_FILES, TOKENIZER_FILES
 from .plan import MergePlan
 
@@ -33,18 +33,16 @@ def copy_model_code(plan: MergePlan, out_dir: Path) -> list[str]:
     if not plan.base.config.get("auto_map"):
         return []
     copied = []
-    for source in sorted(plan.base.folder.glob("*.py")):
-        shutil.copyfile(source, out_dir / source.name)
+    for source in input_files(plan.base.folder, "base model folder", pattern="*.py"):
+        copy_input_file(plan.base.folder, source.name, out_dir, "base model folder")
         copied.append(source.name)
     return copied
 
 
 def copy_generation_config(plan: MergePlan, out_dir: Path) -> None:
     """The adapter's generation config wins (training may have set eos/pad for new tokens), else the base's."""
-    for folder in (plan.adapter.folder, plan.base.folder):
-        source = folder / GENERATION_CONFIG
-        if source.is_file():
-            shutil.copyfile(source, out_dir / GENERATION_CONFIG)
+    for folder, role in ((plan.adapter.folder, "adapter folder"), (plan.base.folder, "base model folder")):
+        if copy_input_file(folder, GENERATION_CONFIG, out_dir, role):
             return
 
 
@@ -55,24 +53,19 @@ def copy_tokenizer(plan: MergePlan, out_dir: Path) -> list[str]:
         source = Path(plan.tokenizer_source)
         if plan.adapter.tokenizer and plan.tokenizer_source == plan.adapter.tokenizer.folder and not plan.adapter.tokenizer.complete:
             for name in TOKENIZER_FILES:  # the vocabulary the adapter's config files sit on
-                if (plan.base.folder / name).is_file():
-                    shutil.copyfile(plan.base.folder / name, out_dir / name)
+                copy_input_file(plan.base.folder, name, out_dir, "base model folder")
         for name in TOKENIZER_FILES + PROCESSOR_FILES:
-            if (source / name).is_file():
-                shutil.copyfile(source / name, out_dir / name)
+            if copy_input_file(source, name, out_dir, "tokenizer folder"):
                 copied.append(name)
-        if (source / CHAT_TEMPLATE_DIR).is_dir():
-            shutil.copytree(source / CHAT_TEMPLATE_DIR, out_dir / CHAT_TEMPLATE_DIR)
+        if copy_input_tree(source, CHAT_TEMPLATE_DIR, out_dir, "tokenizer folder"):
             copied.append(CHAT_TEMPLATE_DIR)
     # a VLM's image processor, and often its chat template, live only in the base folder
     for name in PROCESSOR_FILES:
-        if name not in copied and (plan.base.folder / name).is_file():
-            shutil.copyfile(plan.base.folder / name, out_dir / name)
+        if name not in copied and copy_input_file(plan.base.folder, name, out_dir, "base model folder"):
             copied.append(name)
     if not _has_chat_template(out_dir):
         for name in CHAT_TEMPLATE_FILES:
-            if (plan.base.folder / name).is_file():
-                shutil.copyfile(plan.base.folder / name, out_dir / name)
+            if copy_input_file(plan.base.folder, name, out_dir, "base model folder"):
                 copied.append(name)
     return copied
 

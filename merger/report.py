@@ -8,6 +8,9 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .errors import UnsafeInputError
+from .inputs import confined
+
 REPORT_NAME = "merge_report.json"
 SCHEMA_VERSION = 1
 
@@ -33,13 +36,24 @@ class InputHasher:
         self.folders = folders
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-hash")
-        self.futures = {
-            role: {p.name: self.pool.submit(sha256_file, p, self.stop) for p in sorted(folder.iterdir()) if p.is_file()}
-            for role, folder in folders.items()
-        }
+        self.futures = {role: self._submit(folder, role) for role, folder in folders.items()}
+
+    def _submit(self, folder: Path, role: str) -> dict:
+        jobs = {}
+        for path in sorted(folder.iterdir()):
+            if not path.is_file():
+                continue
+            try:
+                confined(folder, path.name, role)
+            except UnsafeInputError:  # a file the merge does not use may link anywhere: it is named, not read
+                jobs[path.name] = "not read: a link to outside the folder"
+                continue
+            jobs[path.name] = self.pool.submit(sha256_file, path, self.stop)
+        return jobs
 
     def results(self) -> dict:
-        return {role: {name: f.result() for name, f in files.items()} for role, files in self.futures.items()}
+        return {role: {name: f if isinstance(f, str) else f.result() for name, f in files.items()}
+                for role, files in self.futures.items()}
 
     def __enter__(self):
         return self

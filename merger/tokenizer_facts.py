@@ -6,10 +6,11 @@ tiktoken model falls back to transformers' AutoTokenizer for the length.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import InputFileError, MergerError
+from .inputs import MAX_TOKENIZER_JSON_BYTES, confined, read_json
 from .keys import CHAT_TEMPLATE_DIR, PROCESSOR_FILES, TOKENIZER_FILES
 
 
@@ -33,7 +34,7 @@ class TokenizerFacts:
 
 
 def tokenizer_files_in(folder: Path) -> list[str]:
-    names = [n for n in TOKENIZER_FILES + PROCESSOR_FILES if (folder / n).is_file()]
+    names = [n for n in TOKENIZER_FILES + PROCESSOR_FILES if (folder / n).is_file() and confined(folder, n, "tokenizer folder")]
     if (folder / CHAT_TEMPLATE_DIR).is_dir():
         names.append(CHAT_TEMPLATE_DIR)
     return names
@@ -58,9 +59,12 @@ def has_tokenizer(folder: Path) -> bool:
 
 
 def _load_json(path: Path):
+    """A tokenizer JSON file, confined to its folder; None when it is unreadable (inspection says
+    the length is unknown rather than failing on a tokenizer the merge only copies)."""
+    confined(path.parent, path.name, "tokenizer folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return read_json(path, "tokenizer", max_bytes=MAX_TOKENIZER_JSON_BYTES)
+    except MergerError:
         return None
 
 
@@ -85,32 +89,12 @@ def read_tokenizer_facts(folder: Path, vocabulary_from: Path | None = None) -> T
         max_id = max([under.max_id or 0] + list(added))
         return TokenizerFacts(str(folder), files, length, max_id, tuple((i, c, s) for i, (c, s) in sorted(added.items())),
                               own.has_chat_template or under.has_chat_template, "files+base vocabulary", complete=False)
-    ids: dict[str, int] = {}
-    added: dict[int, tuple[str, bool]] = {}
     source = "files"
-
-    tok_json = _load_json(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
-    if isinstance(tok_json, dict):
-        vocab = (tok_json.get("model") or {}).get("vocab")
-        if isinstance(vocab, dict):
-            ids.update(vocab)
-        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
-            ids.update({entry[0]: i for i, entry in enumerate(vocab)})
-        for token in tok_json.get("added_tokens") or []:
-            added[int(token["id"])] = (token["content"], bool(token.get("special")))
-    elif (folder / "vocab.json").is_file():
-        vocab = _load_json(folder / "vocab.json")
-        if isinstance(vocab, dict):
-            ids.update(vocab)
-
-    added_json = _load_json(folder / "added_tokens.json") if (folder / "added_tokens.json").is_file() else None
-    if isinstance(added_json, dict):
-        for content, idx in added_json.items():
-            added.setdefault(int(idx), (content, False))
-    config = _load_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else None
-    if isinstance(config, dict):
-        for idx, token in (config.get("added_tokens_decoder") or {}).items():
-            added.setdefault(int(idx), (token.get("content", ""), bool(token.get("special"))))
+    try:
+        ids, added, config = _ids_from_files(folder)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError):
+        raise InputFileError(f"{folder}: its tokenizer files hold a malformed vocabulary or added-token entry; "
+                             "re-save the tokenizer with tokenizer.save_pretrained") from None
 
     chat = isinstance(config, dict) and bool(config.get("chat_template"))
     chat = chat or (folder / "chat_template.json").is_file() or (folder / "chat_template.jinja").is_file()
@@ -134,11 +118,51 @@ def read_tokenizer_facts(folder: Path, vocabulary_from: Path | None = None) -> T
     return TokenizerFacts(str(folder), files, length, max(all_ids), added_sorted, chat, source, complete)
 
 
+def _token_id(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or int(value) < 0:
+        raise ValueError(value)
+    return int(value)
+
+
+def _ids_from_files(folder: Path) -> tuple[dict[str, int], dict[int, tuple[str, bool]], dict | None]:
+    """Vocabulary ids, added tokens and tokenizer_config.json, from the tokenizer's JSON files."""
+    ids: dict[str, int] = {}
+    added: dict[int, tuple[str, bool]] = {}
+
+    tok_json = _load_json(folder / "tokenizer.json") if (folder / "tokenizer.json").is_file() else None
+    if isinstance(tok_json, dict):
+        vocab = (tok_json.get("model") or {}).get("vocab")
+        if isinstance(vocab, dict):
+            ids.update(vocab)
+        elif isinstance(vocab, list):  # Unigram: [[piece, score], ...]
+            ids.update({str(entry[0]): i for i, entry in enumerate(vocab)})
+        for token in tok_json.get("added_tokens") or []:
+            added[_token_id(token["id"])] = (str(token["content"]), bool(token.get("special")))
+    elif (folder / "vocab.json").is_file():
+        vocab = _load_json(folder / "vocab.json")
+        if isinstance(vocab, dict):
+            ids.update(vocab)
+
+    added_json = _load_json(folder / "added_tokens.json") if (folder / "added_tokens.json").is_file() else None
+    if isinstance(added_json, dict):
+        for content, idx in added_json.items():
+            added.setdefault(_token_id(idx), (content, False))
+    config = _load_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else None
+    if isinstance(config, dict):
+        for idx, token in (config.get("added_tokens_decoder") or {}).items():
+            added.setdefault(_token_id(idx), (str(token.get("content", "")), bool(token.get("special"))))
+
+    ids = {token: _token_id(i) for token, i in ids.items()}
+    return ids, added, config
+
+
 def _length_with_transformers(folder: Path) -> tuple[int | None, int]:
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(folder))
+        # explicit False: a tokenizer with an auto_map is refused instead of transformers asking on
+        # stdin whether to run its code (counting tokens never runs code from an input)
+        tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except Exception:  # any loader failure just means "unknown"; inspection reports it
         return None, -1
     return len(tok), len(tok) - 1

@@ -27,6 +27,18 @@ FP32_REL_TOL = 1e-4
 LOW_PRECISION_REL_TOL = {"bfloat16": 3e-2, "float16": 5e-3}
 
 
+def exceeds(error: float, tolerance: float) -> bool:
+    """True when a measured error fails: above the tolerance, or NaN (NaN compares as nothing)."""
+    return not error <= tolerance
+
+
+def worse(current: float, error: float) -> float:
+    """The worse of two measured errors; NaN is the worst of all."""
+    if math.isnan(current) or math.isnan(error):
+        return math.nan
+    return max(current, error)
+
+
 @dataclass(frozen=True)
 class Finding:
     code: str  # stable identifier, e.g. "missing-tensor"
@@ -87,7 +99,11 @@ class OutputReader:
         self.folder, self.plan = folder, plan
         self.disk: dict = {}
         for path in sorted(folder.glob("*.safetensors")):
-            self.disk.update(read_safetensors_header(path))
+            metas = read_safetensors_header(path)
+            twice = sorted(set(metas) & set(self.disk))
+            if twice:
+                raise ValueError(f"{twice[0]}: in both {self.disk[twice[0]].file} and {path.name}")
+            self.disk.update(metas)
         self.by_model = defaultdict(list)
         for name in self.disk:
             self.by_model[model_name(plan, name)].append(name)
@@ -220,8 +236,6 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
 def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationReport) -> None:
     import torch
 
-    from .engines.stream import open_adapter, open_base
-
     bad = []
     for name in reader.disk:
         tensor = reader.read(name)
@@ -231,17 +245,18 @@ def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationRepor
         report.fail("non-finite", f"{name}: holds NaN or Inf values")
     report.checks.append("every tensor finite")
 
-    rng = random.Random(0)
     lora_ops = [op for op in plan.ops if op.lora and reader.find(op.out_key) and reader.one_to_one(op.out_key)]
-    sample = lora_ops if len(lora_ops) <= SAMPLED_MODULES else [lora_ops[0], lora_ops[-1]] + rng.sample(lora_ops[1:-1], SAMPLED_MODULES - 2)
+    sample = _sample(lora_ops)
     worst = 0.0
-    adapter, base = open_adapter(plan), open_base(plan)
+    # a second opinion: the inputs are read through the safetensors library, not the engine's reader
+    adapter, base = open_independently(plan.adapter.folder, plan.adapter.tensors), open_independently(plan.base.folder, plan.base.tensors)
     try:
         tol = FP32_REL_TOL if plan.dtype == "float32" else LOW_PRECISION_REL_TOL.get(plan.dtype, 3e-2)
+        _check_copies(plan, reader, base, report)
         for op in sample:
             err = _module_error(op, plan, reader, adapter, base.read)
-            worst = max(worst, err)
-            if err > tol:
+            worst = worse(worst, err)
+            if exceeds(err, tol):
                 report.fail("lora-not-merged", f"{op.out_key}: W_merged·x differs from W·x + s·B(A·x) by {err:.2e} (relative; tolerance {tol:.0e}): the LoRA update is missing or wrong")
         report.metrics["max_rel_error_modules"] = worst
         report.metrics["modules_checked"] = len(sample)
@@ -318,10 +333,72 @@ def _check_new_rows(plan, reader, adapter, report, tol) -> None:
         elif op.lora:
             continue  # head LoRA rows are covered by the module check
         err = float((got[rows] - expected).norm() / max(expected.norm().item(), 1e-12))
-        report.metrics.setdefault("max_rel_error_new_rows", 0.0)
-        report.metrics["max_rel_error_new_rows"] = max(report.metrics["max_rel_error_new_rows"], err)
-        if err > tol or not math.isfinite(err):
+        report.metrics["max_rel_error_new_rows"] = worse(report.metrics.get("max_rel_error_new_rows", 0.0), err)
+        if exceeds(err, tol):
             report.fail("new-rows-lost", f"{op.out_key}: rows {rows[0]}-{rows[-1]} differ from the adapter's trained values by {err:.2e} (relative): the trained new-token rows were lost")
         checked += len(rows)
     if checked:
         report.checks.append(f"{checked} new-token rows hold the adapter's trained values")
+
+
+def _sample(ops: list) -> list:
+    """Up to SAMPLED_MODULES ops: the first, the last and a fixed random draw between them."""
+    if len(ops) <= SAMPLED_MODULES:
+        return ops
+    return [ops[0], ops[-1]] + random.Random(0).sample(ops[1:-1], SAMPLED_MODULES - 2)
+
+
+def _check_copies(plan, reader, base, report) -> None:
+    """Sampled tensors the plan copies (or only grows) hold the base's values, bit for bit after the cast.
+
+    The engine reads the base through its own offsets; this re-reads it through the safetensors
+    library, so a reader that took the wrong bytes cannot pass.
+    """
+    import torch
+
+    copies = [op for op in plan.ops if op.base_key and not (op.lora or op.replace_key or op.token_rows_key or op.parameter_lora)
+              and reader.find(op.out_key) and reader.one_to_one(op.out_key) and op.base_key in plan.base.tensors]
+    wrong = []
+    for op in _sample(copies):
+        got, start = reader.get(op.out_key), base.read(op.base_key)
+        rows = min(start.shape[0], got.shape[0]) if start.dim() else None
+        if rows is not None:
+            got, start = got[:rows], start[:rows]
+        expected = start.to(got.dtype) if start.is_floating_point() and got.is_floating_point() else start
+        if got.shape != expected.shape or not torch.equal(got, expected):
+            wrong.append(op.out_key)
+    for key in wrong:
+        report.fail("copy-differs", f"{key}: differs from the base tensor it copies (read back through the safetensors library)")
+    if copies:
+        report.checks.append(f"{min(len(copies), SAMPLED_MODULES)} sampled copied tensors equal the base's")
+
+
+class LibraryTensors:
+    """Tensors read through the safetensors library (``safe_open``), independent of the engine's reader."""
+
+    def __init__(self, folder: Path, metas: dict):
+        self.folder, self.metas = folder, metas
+        self.handles: dict = {}
+
+    def read(self, key: str):
+        from safetensors import safe_open
+
+        name = self.metas[key].file
+        if name not in self.handles:
+            self.handles[name] = safe_open(str(self.folder / name), framework="pt").__enter__()
+        return self.handles[name].get_tensor(key)
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+        self.handles = {}
+
+
+def open_independently(folder: Path, metas: dict):
+    """A reader of a folder's tensors that shares no code with the stream engine's."""
+    from .engines.stream import PickledTensors
+
+    files = sorted({m.file for m in metas.values()})
+    if all(name.endswith(".safetensors") for name in files):
+        return LibraryTensors(folder, metas)
+    return PickledTensors(*(folder / name for name in files))

@@ -46,7 +46,7 @@ def test_malformed_adapter_config(copies, tmp_path, capsys):
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8,,}')
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
-    assert_one_line_error(code, err, "adapter_config.json", "malformed JSON at line 1 column")
+    assert_one_line_error(code, err, "adapter_config.json", "malformed adapter config JSON at line 1 column")
     nothing_written(out)
 
 
@@ -220,8 +220,8 @@ def test_base_defaults_to_the_adapters_recorded_base(copies, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("which", "fragments"), [
-    ("adapter", ["adapter_config.json: not UTF-8 text (byte 0 is 0xff)", "re-save the adapter"]),
-    ("base", ["config.json: not UTF-8 text (byte 0 is 0xff), so not a config JSON file", "re-download it"]),
+    ("adapter", ["adapter_config.json: not UTF-8 text (byte 0 is 0xff)", "so not an adapter config JSON file; re-download or re-save it"]),
+    ("base", ["config.json: not UTF-8 text (byte 0 is 0xff), so not a config JSON file", "re-download or re-save it"]),
 ])
 def test_config_that_is_not_text(copies, tmp_path, capsys, which, fragments):
     base, adapter = copies
@@ -236,7 +236,7 @@ def test_config_that_is_not_text(copies, tmp_path, capsys, which, fragments):
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("r", "8", "r is '8' but PEFT writes a positive integer there"),
     ("r", 0, "r is 0 but PEFT writes a positive integer there"),
-    ("lora_alpha", "sixteen", "lora_alpha is 'sixteen' but PEFT writes a number there"),
+    ("lora_alpha", "sixteen", "lora_alpha is 'sixteen' but PEFT writes a finite number there"),
     ("rank_pattern", {"q_proj": "4"}, "rank_pattern is {'q_proj': '4'} but PEFT writes a mapping of module pattern to positive integer there"),
     ("target_modules", 7, "target_modules is 7 but PEFT writes a list of module names or a regex string there"),
 ])
