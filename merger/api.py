@@ -9,8 +9,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .commit import check_free_space, check_output_target, promote, staging_folder
-from .errors import IncompatibleError, MergerError, OptionsError, ValidationFailedError
+from .commit import check_free_space, check_no_overlap, check_output_target, make_parent, promote, recover_leftovers, staging_folder
+from .errors import IncompatibleError, InputFileError, MergerError, OptionsError, OutputError, ValidationFailedError
+from .lock import output_lock
 from .facts import gather_facts
 from .options import MergeOptions
 from .plan import MergePlan, plan_merge
@@ -100,17 +101,51 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     out = Path(out).expanduser()
     adapter_dir = resolve_folder(adapter, "adapter")
     base_dir = resolve_base(base, adapter_dir)
-    check_output_target(out, opts.overwrite, [base_dir, adapter_dir])
+    check_no_overlap(out, input_folders(base_dir, adapter_dir, opts))
+    make_parent(out)
     from .report import InputHasher
 
-    # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
-    # planning is mostly the single-threaded import of transformers
-    with InputHasher({"adapter": adapter_dir, "base": base_dir}) as hasher:
-        return _merge_planned(base_dir, adapter_dir, out, opts, hasher, started, quiet)
+    try:
+        with output_lock(out):
+            recovered = recover_leftovers(out)
+            check_output_target(out, opts.overwrite)
+            # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
+            # planning is mostly the single-threaded import of transformers
+            with InputHasher({"adapter": adapter_dir, "base": base_dir}) as hasher:
+                return _merge_planned(base_dir, adapter_dir, out, opts, hasher, started, quiet, recovered)
+    except MergerError:
+        raise
+    except OSError as exc:  # the disk filled, a file vanished or turned unreadable mid-merge
+        raise os_error_message(exc, out) from exc
+
+
+def input_folders(base_dir: Path, adapter_dir: Path, opts: MergeOptions) -> dict[str, Path]:
+    """Every input folder by its flag: OUT may overlap none of them."""
+    folders = {"--base": base_dir, "--adapter": adapter_dir}
+    if opts.tokenizer not in ("auto", "adapter", "base"):
+        folders["--tokenizer"] = Path(opts.tokenizer).expanduser()
+    return folders
+
+
+def os_error_message(exc: OSError, out: Path) -> MergerError:
+    """A system error during a merge as one line: which file, what happened, what to do. Nothing was committed."""
+    import errno
+
+    name = exc.filename or "a file"
+    staging = str(out.resolve().parent / f".{out.resolve().name}.")
+    writing = str(name).startswith(staging) or str(name).startswith(str(out.resolve()))
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return OutputError(f"--out {out}: the disk filled up while writing {name}; nothing was committed and the partial "
+                           "files were removed: free space or choose another disk")
+    if writing:
+        return OutputError(f"--out {out}: cannot write {name} ({exc.strerror or type(exc).__name__}); nothing was committed: "
+                           "choose a folder you can write to")
+    return InputFileError(f"{name}: cannot be read ({exc.strerror or type(exc).__name__}); nothing was written: "
+                          "check that the file is there and readable")
 
 
 def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOptions, hasher,
-                   started: float, quiet: bool) -> MergeResult:
+                   started: float, quiet: bool, recovered: list[str]) -> MergeResult:
     plan = inspect_adapter(base_dir, adapter_dir, opts)
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
@@ -155,11 +190,12 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
             "plan": plan_summary(plan),
             "validation": report.to_dict(),
             "output": {"path": str(out), "files": sorted(p.name for p in tmp.iterdir()), "bytes": size, "seconds": round(seconds, 3)},
+            "recovered": recovered,
         }
         if not report.ok:
             raise ValidationFailedError(f"the merged checkpoint failed validation, {out} was not written: " + "; ".join(f.message for f in report.findings[:3]), report)
         write_report(tmp, fields)
-        promote(tmp, out)
+        promote(tmp, out, opts.overwrite)
     return MergeResult(out, engine, reason, plan, report, time.monotonic() - started, size, sorted(files))
 
 

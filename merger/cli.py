@@ -120,7 +120,24 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def _ignore_further_signals() -> None:
+    """After the first interrupt the run is unwinding (removing its staging folder, releasing OUT's
+    lock): a second Ctrl-C must not cut that short or print a traceback from the exit handlers."""
+    import signal
+
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            try:
+                signal.signal(signum, signal.SIG_IGN)
+            except ValueError:  # not the main thread
+                pass
+
+
 def _raise_interrupted(signum, _frame):
+    _ignore_further_signals()
+    if signum == 2:
+        raise KeyboardInterrupt
     raise Interrupted(signum)
 
 
@@ -129,7 +146,7 @@ def _signals_unwind():
     import signal
 
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
         if signum is not None:
             try:
@@ -172,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _fail(args, str(exc), exc.exit_code, getattr(exc, "report", None))
     except (KeyboardInterrupt, Interrupted) as exc:
+        if as_process:  # exiting joins worker threads: another Ctrl-C there would print a traceback
+            _ignore_further_signals()
         signum = exc.signum if isinstance(exc, Interrupted) else 2
         where = ("; OUT is as it was, or complete if the merge had already committed it (one rename, never half)"
                  if untouched else "")
@@ -216,6 +235,12 @@ def _run(command: str, args, options: MergeOptions) -> int:
         report = api.validate_checkpoint(args.out, args.base, args.adapter, options.validate, options)
         print(json.dumps(report.to_dict(), indent=2) if args.json else render.report_text(report))
         return EXIT_OK if report.ok else EXIT_VALIDATION_FAILED
+    if args.config:  # the one input only the CLI knows of: OUT must not swallow it either
+        from pathlib import Path
+
+        from .commit import check_no_overlap
+
+        check_no_overlap(Path(args.out), {"--config": Path(args.config)})
     result = api.merge_adapter(args.base, args.adapter, args.out, options, quiet=args.quiet)
     if args.json:
         print(json.dumps(render.result_dict(result), indent=2, default=str))

@@ -150,7 +150,7 @@ def test_non_empty_out_is_untouched(copies, tmp_path, capsys):
 def test_out_inside_an_input_is_refused(copies, capsys):
     base, adapter = copies
     code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", adapter / "merged")
-    assert_one_line_error(code, err, "overlaps the input folder")
+    assert_one_line_error(code, err, "overlaps the --adapter input")
 
 
 def test_prompt_learning_is_refused(copies, tmp_path, capsys):
