@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -14,6 +15,7 @@ from .errors import IncompatibleError, InputFileError, MergerError, OptionsError
 from .lock import output_lock
 from .facts import gather_facts
 from .options import MergeOptions
+from .preflight import check_memory, output_bytes
 from .plan import MergePlan, plan_merge
 from .sources import check_tokenizer_source, resolve_base, resolve_folder
 from .validate import ValidationReport, validate_output
@@ -64,7 +66,13 @@ def inspect_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, 
     check_tokenizer_source(opts.tokenizer)
     adapter_dir = resolve_folder(adapter, "adapter")
     facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code)
-    return plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
+    plan = plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
+    if facts.non_finite:  # first: nothing else about a diverged adapter matters
+        names = ", ".join(facts.non_finite[:3]) + (f" and {len(facts.non_finite) - 3} more" if len(facts.non_finite) > 3 else "")
+        problem = (f"{adapter_dir / facts.adapter.weights_file}: {names} hold NaN or Inf values (training diverged or the save "
+                   "is corrupt); merging would write them into the model: use an earlier checkpoint of the adapter")
+        plan = dataclasses.replace(plan, problems=(problem,) + plan.problems)
+    return plan
 
 
 def choose_engine(plan: MergePlan) -> tuple[str, str]:
@@ -150,8 +158,8 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
     engine, reason = choose_engine(plan)
-    estimated = sum(_nbytes(op, plan) for op in plan.ops)
-    check_free_space(out, estimated)
+    check_free_space(out, output_bytes(plan))
+    check_memory(plan, engine)
     for story in plan.stories:
         log.debug(story)
     for note in plan.notes:
@@ -197,13 +205,6 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
         write_report(tmp, fields)
         promote(tmp, out, opts.overwrite)
     return MergeResult(out, engine, reason, plan, report, time.monotonic() - started, size, sorted(files))
-
-
-def _nbytes(op, plan) -> int:
-    count = 1
-    for dim in op.shape:
-        count *= dim
-    return count * (2 if plan.dtype in ("bfloat16", "float16") else 4)
 
 
 class _progress:

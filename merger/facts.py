@@ -20,13 +20,45 @@ class Facts:
     adapter: AdapterInfo
     layout: ModelLayout
     embed_head_equal: bool | None  # the adapter's embedding and head copies hold the same values
+    non_finite: tuple[str, ...] = ()  # adapter tensors holding NaN or Inf
 
 
 def gather_facts(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False) -> Facts:
     adapter = inspect_adapter_folder(adapter_dir, base_dir)
     base = inspect_checkpoint_folder(base_dir)
     layout = build_layout(base_dir, base.config, base.tensors, adapter.task_type, classifier_rows(adapter), trust_remote_code)
-    return Facts(base, adapter, layout, embed_head_equal(adapter, layout))
+    return Facts(base, adapter, layout, embed_head_equal(adapter, layout), non_finite_tensors(adapter))
+
+
+CHECK_BLOCK_BYTES = 64 << 20
+
+
+def non_finite_tensors(adapter: AdapterInfo) -> tuple[str, ...]:
+    """Adapter tensors with a NaN or Inf anywhere (a diverged run): merged, they poison the weights
+    whatever validation then runs. Read in row blocks through the safetensors library."""
+    import torch
+
+    path = adapter.folder / adapter.weights_file
+    floating = [k for k, m in adapter.tensors.items() if m.dtype in ("F64", "F32", "F16", "BF16")]
+    bad = []
+    if path.suffix != ".safetensors":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return tuple(k for k in floating if not torch.isfinite(state[k]).all())
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        for key in floating:
+            meta = adapter.tensors[key]
+            if not meta.shape:
+                blocks = [handle.get_tensor(key)]
+            else:
+                row_bytes = max(1, meta.nbytes // max(1, meta.shape[0]))
+                step = max(1, CHECK_BLOCK_BYTES // row_bytes)
+                tensor_slice = handle.get_slice(key)
+                blocks = (tensor_slice[i:i + step] for i in range(0, meta.shape[0], step))
+            if not all(torch.isfinite(block).all() for block in blocks):
+                bad.append(key)
+    return tuple(bad)
 
 
 def classifier_rows(adapter: AdapterInfo) -> int | None:

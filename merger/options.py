@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import OptionsError
+from .inputs import short
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+MAX_CONFIG_BYTES = 1 << 20
 
 
 def _opt(default, help: str, choices: tuple | None = None, metavar: str | None = None):
@@ -89,28 +91,28 @@ class MergeOptions:
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise OptionsError(
-                    f"option {f.name}: {value!r} is not one of {', '.join(choices)}"
+                    f"option {f.name}: {short(value)} is not one of {', '.join(choices)}"
                 )
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise OptionsError(
-                f"option pad_to_multiple_of: {self.pad_to_multiple_of!r} is not a positive integer"
+                f"option pad_to_multiple_of: {short(self.pad_to_multiple_of)} is not a positive integer"
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise OptionsError(
-                f"option device: {self.device!r} is not auto, cpu, cuda or cuda:N"
+                f"option device: {short(self.device)} is not auto, cpu, cuda or cuda:N"
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device_map):
             raise OptionsError(
-                f"option device_map: {self.device_map!r} is not auto, cpu, cuda or cuda:N"
+                f"option device_map: {short(self.device_map)} is not auto, cpu, cuda or cuda:N"
             )
         if self.max_memory and self.device_map != "auto":
             raise OptionsError(
-                f"option max_memory: it limits --device-map auto, not {self.device_map!r}; "
+                f"option max_memory: it limits --device-map auto, not {short(self.device_map)}; "
                 "drop it or use --device-map auto"
             )
         parse_max_memory(self.max_memory)
         if parse_size(self.max_shard_size) <= 0:
-            raise OptionsError(f"option max_shard_size: {self.max_shard_size!r} is not a positive size like 5GB or 500MB")
+            raise OptionsError(f"option max_shard_size: {short(self.max_shard_size)} is not a positive size like 5GB or 500MB")
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], source: str = "options") -> "MergeOptions":
@@ -124,7 +126,7 @@ class MergeOptions:
         unknown = sorted(set(normalized) - known)
         if unknown:
             raise OptionsError(
-                f"{source}: unknown option {', '.join(map(repr, unknown))}; "
+                f"{source}: unknown option {', '.join(short(k, 40) for k in unknown[:3])}; "
                 f"known options are {', '.join(sorted(known))}"
             )
         for key, value in normalized.items():
@@ -156,7 +158,7 @@ def _check_type(f: dataclasses.Field, value) -> None:
         ok = isinstance(value, str) or (value is None and "None" in kind)
         want = "a string"
     if not ok:
-        raise OptionsError(f"option {f.name}: {value!r} is not {want}")
+        raise OptionsError(f"option {f.name}: {short(value)} is not {want}")
 
 
 def option_fields() -> list[dataclasses.Field]:
@@ -170,8 +172,19 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise OptionsError(f"config file {path}: not found")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise OptionsError(f"config file {path}: {path.stat().st_size} bytes; an options file is a few lines (at most {MAX_CONFIG_BYTES} bytes)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        # anchors and aliases let a few lines expand into billions of values ("billion laughs");
+        # options files have no use for them
+        if any(isinstance(t, (yaml.AnchorToken, yaml.AliasToken)) for t in yaml.scan(text)):
+            raise OptionsError(f"config file {path}: uses YAML anchors or aliases (& or *); write each option's value out")
+        data = yaml.safe_load(text) or {}
+    except UnicodeDecodeError:
+        raise OptionsError(f"config file {path}: not UTF-8 text; an options file is plain YAML") from None
+    except RecursionError:
+        raise OptionsError(f"config file {path}: nests too deep for an options file; it maps option names to values") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -191,7 +204,7 @@ def parse_max_memory(text: str | None) -> dict[int | str, int] | None:
         device, _, amount = (s.strip() for s in part.partition("="))
         if not re.fullmatch(r"\d+|cpu|cuda:\d+|mps|xpu:\d+", device) or not amount:
             raise OptionsError(
-                f"option max_memory: {part.strip()!r} in {text!r} is not DEVICE=SIZE; "
+                f"option max_memory: {short(part.strip())} in {short(text)} is not DEVICE=SIZE; "
                 "write GPU indices and cpu, e.g. 0=20GiB,cpu=60GiB"
             )
         limits[int(device) if device.isdigit() else device] = parse_size(amount, "max_memory")
@@ -207,7 +220,7 @@ def parse_size(text: str | int, option: str = "max_shard_size") -> int:
         return text
     match = _SIZE.match(str(text))
     if not match:
-        raise OptionsError(f"option {option}: {text!r} is not a size like 5GB or 500MB")
+        raise OptionsError(f"option {option}: {short(text)} is not a size like 5GB or 500MB")
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     power = " KMGT".index(unit.upper() or " ")

@@ -18,8 +18,9 @@ def estimates(plan) -> dict:
     """Rough peak memory and disk per engine, from the plan's shapes and scripts/bench.py's measurements."""
     from .engines.stream import BLOCK_BYTES
 
-    per = 2 if plan.dtype in ("bfloat16", "float16") else 4
-    out_bytes = sum(_numel(op.shape) * per for op in plan.ops)
+    from .preflight import output_bytes
+
+    out_bytes = output_bytes(plan)
     largest = max((_numel(op.shape) for op in plan.ops), default=0)
     block = min(largest * 4, BLOCK_BYTES)
     return {
