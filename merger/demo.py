@@ -65,7 +65,7 @@ def plain_peft_error(base_dir: Path, adapter_dir: Path) -> str:
     from transformers import AutoModelForCausalLM
 
     try:
-        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir)
+        PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, trust_remote_code=False), adapter_dir)
     except Exception as exc:  # the point is to show whatever PEFT raises
         lines = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
         return lines[0] if lines else f"{type(exc).__name__}: {str(exc).splitlines()[0]}"

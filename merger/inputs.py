@@ -25,7 +25,8 @@ _echo.maxstring, _echo.maxother, _echo.maxlevel, _echo.maxlist, _echo.maxdict = 
 
 def short(value: Any, limit: int = 80) -> str:
     """A bounded repr for messages: a hostile value must not make an error message huge."""
-    text = _echo.repr(value)
+    # strings through repr too: a newline in a crafted file name must not break the one-line message
+    text = repr(value[: limit + 1]) if isinstance(value, str) else _echo.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -58,7 +59,7 @@ def confined(folder: Path, name: str, role: str, error=UnsafeInputError) -> Path
     if blobs is not None:
         roots.append(Path(os.path.realpath(blobs)))
     if not any(real == root or root in real.parents for root in roots):
-        raise error(f"{role} {folder}: {short(str(name))} is a link to {short(str(real), 120)}, outside the folder; "
+        raise error(f"{role} {folder}: {short(str(name))} is a link to {short(str(real), 300)}, outside the folder; "
                     "merger reads only files inside its input folders: copy the file into the folder instead of linking it")
     return path
 
