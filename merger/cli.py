@@ -162,6 +162,10 @@ def _signals_unwind():
 
 def main(argv: list[str] | None = None) -> int:
     as_process = argv is None
+    if as_process:  # nothing merger runs may wait for an answer: a library prompt reads end-of-file
+        import os
+
+        sys.stdin = open(os.devnull)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
     parser = build_parser(command)

@@ -45,7 +45,8 @@ def probe_ids(plan, count: int = 24) -> list[int]:
 def check_logits(out_dir: Path, plan, report) -> None:
     import torch
 
-    from .engines.peft import attach_adapter, load_base, model_class, resize_like_plan
+    from .engines.peft import attach_adapter, load_base, load_pretrained, model_class, resize_like_plan
+    from .errors import CheckpointError
     from .validate import FP32_REL_TOL, LOW_PRECISION_REL_TOL, exceeds
 
     need = plan.base.total_bytes * 2 * (4 // max(1, _bytes_per(plan.base.dtype)))
@@ -59,8 +60,12 @@ def check_logits(out_dir: Path, plan, report) -> None:
         reference = reference_model(input_ids=ids).logits.float()
         del reference_model
         cls = model_class(plan)
-        merged = cls.from_pretrained(str(out_dir), dtype=getattr(torch, plan.dtype),
+        try:
+            merged = load_pretrained(cls, out_dir, dtype=getattr(torch, plan.dtype),
                                      trust_remote_code=plan.options.trust_remote_code).eval()
+        except CheckpointError as exc:  # the output does not load: that is the finding
+            report.fail("unloadable", str(exc))
+            return
         got = merged(input_ids=ids).logits.float()
     if got.shape != reference.shape:
         report.fail("logits-shape", f"merged logits have shape {list(got.shape)}, base+adapter {list(reference.shape)}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ..errors import IncompatibleError, UnsupportedError
+from ..errors import CheckpointError, IncompatibleError, UnsupportedError
 from ..lora import grow_rows
 from ..options import parse_max_memory, parse_size
 from ..plan import MergePlan
@@ -79,12 +79,28 @@ def load_base(plan: MergePlan):
         # accelerate cannot cast a model it dispatched over several devices: load in the output
         # dtype instead (the merge then runs in it, as PEFT's would)
         load_dtype = getattr(torch, plan.dtype)
-    model = cls.from_pretrained(
-        str(plan.base.folder), dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
-        **plan.layout.config_overrides, **placement,
-    )
+    model = load_pretrained(cls, plan.base.folder, dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
+                            **plan.layout.config_overrides, **placement)
     model.eval()
     return model
+
+
+def load_pretrained(cls, folder: Path, **kwargs):
+    """``cls.from_pretrained(folder)``, its failures as one line naming the folder (transformers
+    raises RuntimeError with a multi-line report, or "look at the above report!" after a log
+    line the CLI does not show)."""
+    try:
+        return cls.from_pretrained(str(folder), **kwargs)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = str(exc)
+        if "mismatch" in text or "ignore_mismatched_sizes" in text:
+            reason = "a tensor's shape differs from what its config.json describes"
+        else:
+            reason = f"{type(exc).__name__}: {(text.strip().splitlines() or [''])[0][:200]}"
+        raise CheckpointError(f"{folder}: transformers cannot load it as {cls.__name__} ({reason}); "
+                              "check that its weights and config.json belong together (merge-adapter inspect lists shapes)") from None
 
 
 def _set_tie(model, tie: bool) -> None:
