@@ -85,12 +85,12 @@ def load_base(plan: MergePlan):
     return model
 
 
-def load_pretrained(cls, folder: Path, **kwargs):
+def load_pretrained(cls, folder: Path, *, trust_remote_code: bool, **kwargs):
     """``cls.from_pretrained(folder)``, its failures as one line naming the folder (transformers
     raises RuntimeError with a multi-line report, or "look at the above report!" after a log
     line the CLI does not show)."""
     try:
-        return cls.from_pretrained(str(folder), **kwargs)
+        return cls.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except (MemoryError, KeyboardInterrupt):
         raise
     except Exception as exc:
