@@ -6,13 +6,14 @@ tensor, stale vocab_size, a head re-tied on load, untrained rows where trained o
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import MergerError
+from .inputs import confined, input_files, read_json
 from .keys import ADAPTER_FILES, CONFIG, SAFE_INDEX
 from .plan import MergePlan
 from .tensors import read_safetensors_header
@@ -98,7 +99,7 @@ class OutputReader:
 
         self.folder, self.plan = folder, plan
         self.disk: dict = {}
-        for path in sorted(folder.glob("*.safetensors")):
+        for path in input_files(folder, "merged folder", pattern="*.safetensors"):
             metas = read_safetensors_header(path)
             twice = sorted(set(metas) & set(self.disk))
             if twice:
@@ -153,7 +154,11 @@ def validate_output(out_dir: str | Path, plan: MergePlan, mode: str = "fast") ->
     except Exception as exc:  # a truncated or corrupt shard: the finding, not a crash
         report.fail("unreadable-shard", str(exc))
         return report
-    _check_structure(out_dir, plan, reader, report)
+    try:
+        _check_structure(out_dir, plan, reader, report)
+    except MergerError as exc:  # a malformed config.json or index, a link out of the folder
+        report.fail("unreadable-file", str(exc))
+        return report
     if report.ok:
         _check_values(plan, reader, report)
     if report.ok and mode == "full":
@@ -184,7 +189,7 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
 
     index_path = out_dir / SAFE_INDEX
     if index_path.is_file():
-        index = json.loads(index_path.read_text())
+        index = read_json(confined(out_dir, SAFE_INDEX, "merged folder"), "shard index")
         weight_map = index.get("weight_map", {})
         on_disk = {k: m.file for k, m in reader.disk.items()}
         wrong = [k for k, f in weight_map.items() if on_disk.get(k) != f]
@@ -199,7 +204,7 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
     if leftovers:
         report.fail("adapter-files", f"{out_dir}: holds adapter files {leftovers}; loaders would treat it as an adapter")
 
-    config = json.loads((out_dir / CONFIG).read_text()) if (out_dir / CONFIG).is_file() else None
+    config = read_json(confined(out_dir, CONFIG, "merged folder"), "config") if (out_dir / CONFIG).is_file() else None
     if config is None:
         report.fail("missing-config", f"{out_dir}: no config.json")
         return

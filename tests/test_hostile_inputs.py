@@ -612,3 +612,20 @@ def test_files_appearing_in_out_during_the_merge_are_never_replaced(demo_pair, t
     assert_one_line_error(code, err, "files appeared in it while merging", "nothing was replaced")
     assert [p.name for p in out.iterdir()] == ["someone-elses.txt"]
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_validate_reads_only_files_inside_the_checked_folder(demo_pair, tmp_path, capsys):
+    """`validate` checks other tools' folders: they are inputs too."""
+    base, adapter = demo_pair
+    out = tmp_path / "out"
+    assert merge(capsys, base, adapter, out)[0] == 0
+    elsewhere = tmp_path / "elsewhere.safetensors"
+    shutil.move(out / "model.safetensors", elsewhere)
+    (out / "model.safetensors").symlink_to(elsewhere)
+    code, text, _ = run_cli(capsys, "validate", out, "--base", base, "--adapter", adapter)
+    assert code == 1 and "unreadable-shard" in text and "outside the folder" in text
+    (out / "model.safetensors").unlink()
+    shutil.move(elsewhere, out / "model.safetensors")
+    (out / "config.json").write_text("{ broken")
+    code, text, _ = run_cli(capsys, "validate", out, "--base", base, "--adapter", adapter)
+    assert code == 1 and "unreadable-file" in text and "malformed config JSON" in text
