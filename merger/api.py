@@ -139,7 +139,7 @@ def os_error_message(exc: OSError, out: Path) -> MergerError:
     """A system error during a merge as one line: which file, what happened, what to do. Nothing was committed."""
     import errno
 
-    name = exc.filename or "a file"
+    name = exc.filename2 or exc.filename or "a file"  # a copy's filename2 is the file it was writing
     staging = str(out.resolve().parent / f".{out.resolve().name}.")
     writing = str(name).startswith(staging) or str(name).startswith(str(out.resolve()))
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

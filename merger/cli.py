@@ -64,7 +64,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("out", metavar="OUT", help="the merged checkpoint folder to check")
     if command in ("merge", "inspect", "validate"):
         parser.add_argument("--base", metavar="BASE", help="base model folder or Hub id (default: the base_model_name_or_path recorded in the adapter)")
-        parser.add_argument("--adapter", required=True, metavar="ADAPTER", help="PEFT adapter folder or Hub id")
+        parser.add_argument("--adapter", required=True, metavar="ADAPTER", action=_Once, help="PEFT adapter folder or Hub id")
     if command == "merge":
         parser.add_argument("--out", required=True, metavar="OUT", help="output folder (written atomically)")
     if command == "demo":
@@ -109,6 +109,17 @@ class _Parser(argparse.ArgumentParser):
         if self.stray and self.stray in message:
             hint = f" ({self.stray!r} is not a command: {', '.join(COMMANDS)}; without one, merge-adapter merges)"
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}{hint}; see {self.prog} --help\n")
+
+
+class _Once(argparse.Action):
+    """A flag that may be given once: argparse would silently keep only the last of several
+    --adapter flags, and a stacked pipeline's first stages would vanish from the merge."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); stacked adapters "
+                         "are not merged in one run yet: merge the first into a checkpoint, then use that as --base for the next")
+        setattr(namespace, self.dest, values)
 
 
 class Interrupted(BaseException):

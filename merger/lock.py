@@ -20,7 +20,8 @@ from .errors import OutputLockedError
 
 
 def lock_path(out: Path) -> Path:
-    out = Path(os.path.abspath(out))
+    """Beside the real OUT: two runs reaching one folder through different links share one lock."""
+    out = Path(os.path.realpath(out))
     return out.parent / f".{out.name}.lock"
 
 

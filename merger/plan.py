@@ -18,7 +18,9 @@ from .layout import ModelLayout
 from .lora import lora_scale, pattern_value
 from .options import MergeOptions
 from .plan_rules import (
+    base_mutating_init_problem,
     base_shape_problems,
+    declared_but_missing,
     choose_tokenizer,
     embed_extra_rows,
     is_module_copy,
@@ -183,6 +185,16 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             f"{len(modules)} modules the adapter targets do not exist in the base {layout.class_name} "
             f"({', '.join(modules[:3])}{' ...' if len(modules) > 3 else ''}); {trained_on(adapter)}"
         )
+
+    mutating = base_mutating_init_problem(adapter)
+    if mutating:
+        problems.append(mutating)
+    missing = declared_but_missing(adapter, layout, lambda key: resolve_module(layout, key.module) or key.module)
+    if missing:
+        problems.append(f"{adapter.folder / 'adapter_config.json'}: declares trained modules the adapter file does not hold "
+                        f"({', '.join(missing[:4])}); merging would keep the base's values where training changed them. "
+                        "Re-save the adapter with them (PEFT's PiSSA/OLoRA conversion drops them: save the trained "
+                        "modules from the training run's own checkpoint)")
 
     quantized = quantization_problem(base, adapter)
     if quantized:

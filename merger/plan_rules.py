@@ -109,3 +109,50 @@ def choose_tokenizer(base: CheckpointInfo, adapter: AdapterInfo, options: MergeO
             return str(base.folder), "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"
         return None, "neither the adapter nor the base folder has tokenizer files"
     return choice, "a tokenizer folder was given"
+
+
+# LoRA initialisations that rewrite the base weights when training starts (PEFT's init_lora_weights):
+# an adapter saved without PEFT's conversion fits only that rewritten "residual" base
+BASE_MUTATING_INITS = {"pissa": "PiSSA", "olora": "OLoRA", "corda": "CorDA", "loftq": "LoftQ", "lora_ga": "LoRA-GA"}
+
+
+def base_mutating_init_problem(adapter: AdapterInfo) -> str | None:
+    init = adapter.config.get("init_lora_weights")
+    if not isinstance(init, str):
+        return None
+    family = next((name for prefix, name in BASE_MUTATING_INITS.items() if init.lower().startswith(prefix)), None)
+    if family is None:
+        return None
+    return (f"{adapter.folder / 'adapter_config.json'}: init_lora_weights={init!r}: {family} rewrites the base weights when "
+            "training starts and this adapter was saved without PEFT's conversion, so it fits only that rewritten base; "
+            "merged into the original it would be silently wrong. Save it converted (PEFT: save_pretrained(DIR, "
+            "path_initial_model_for_weight_conversion=INITIAL_ADAPTER_DIR); LLaMA-Factory: pissa_convert: true) and merge that")
+
+
+def declared_but_missing(adapter: AdapterInfo, layout: ModelLayout, module_of) -> list[str]:
+    """Trained modules the adapter config declares (modules_to_save, trainable_token_indices) that
+    exist in the model but have no tensors in the adapter file: merging would silently keep the
+    base's values where training changed them (PEFT's PiSSA/OLoRA conversion drops them, so do
+    partial saves). ``module_of(key)`` resolves an adapter key's module in the model."""
+    def matches(module: str | None, name: str) -> bool:
+        return module is not None and (module == name or module.endswith("." + name))
+
+    def model_has(name: str) -> bool:
+        return any(matches(m, name) for m in layout.modules)
+
+    saved = {role: [module_of(k) for k in adapter.keys if k.role in roles] for role, roles in
+             (("full", ("full_weight", "full_bias")), ("tokens", ("trainable_tokens",)))}
+    problems = []
+    declared = [n for n in adapter.modules_to_save if model_has(n)]
+    heads = [n for n in declared if n in ("score", "classifier")]  # PEFT declares both for a task head; one exists
+    for name in declared:
+        if name in heads and any(any(matches(m, h) for m in saved["full"]) for h in heads):
+            continue
+        if not any(matches(m, name) for m in saved["full"]):
+            problems.append(name)
+    spec = adapter.config.get("trainable_token_indices")
+    token_modules = list(spec) if isinstance(spec, dict) else (["embed_tokens"] if spec else [])
+    for name in token_modules:
+        if model_has(name) and not any(matches(m, name) for m in saved["tokens"] + saved["full"]):
+            problems.append(f"{name} (trainable_token_indices)")
+    return problems

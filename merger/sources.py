@@ -7,7 +7,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import AdapterError, InputNotFoundError
+from .errors import AdapterError, InputNotFoundError, OptionsError
 from .keys import ADAPTER_CONFIG, full_precision_name
 
 log = logging.getLogger(__name__)
@@ -22,6 +22,9 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def resolve_folder(source: str | os.PathLike, role: str, label: str | None = None) -> Path:
     """A local folder as is; 'owner/name' from the Hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
+    if not isinstance(source, (str, os.PathLike)):
+        stacked = " (several adapters are not merged in one run yet: merge them one at a time)" if isinstance(source, (list, tuple)) else ""
+        raise OptionsError(f"{role}: expected a folder path or Hub id, found {type(source).__name__}{stacked}")
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():

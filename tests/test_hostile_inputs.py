@@ -629,3 +629,77 @@ def test_validate_reads_only_files_inside_the_checked_folder(demo_pair, tmp_path
     (out / "config.json").write_text("{ broken")
     code, text, _ = run_cli(capsys, "validate", out, "--base", base, "--adapter", adapter)
     assert code == 1 and "unreadable-file" in text and "malformed config JSON" in text
+
+
+# ------------------------------------------------ adapters that would merge silently wrong
+
+def test_a_repeated_adapter_flag_is_refused_not_reduced_to_the_last(demo_pair, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:  # argparse's own exit, with our one-line message
+        run_cli(capsys, "--base", demo_pair[0], "--adapter", demo_pair[1], "--adapter", demo_pair[1], "--out", out)
+    assert_one_line_error(exit_info.value.code, capsys.readouterr().err, "--adapter given twice", "merge the first into a checkpoint")
+    nothing_written(out)
+    from merger import merge_adapter
+    from merger.errors import OptionsError
+
+    with pytest.raises(OptionsError, match="several adapters are not merged in one run yet"):
+        merge_adapter(demo_pair[0], [demo_pair[1], demo_pair[1]], out)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
+def test_an_unconverted_base_mutating_init_is_refused(copies, tmp_path, capsys, init):
+    base, adapter = copies
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["init_lora_weights"] = init
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    code, _, err = merge(capsys, base, adapter, out)
+    assert_one_line_error(code, err, f"init_lora_weights='{init}'", "saved without PEFT's conversion",
+                          "path_initial_model_for_weight_conversion")
+    nothing_written(out)
+
+
+def test_declared_modules_to_save_missing_from_the_weights_are_refused(copies, tmp_path, capsys):
+    """What PEFT's PiSSA/OLoRA conversion saves: LoRA A/B only, while the config still lists the trained layers."""
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    path = adapter / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(path).items() if "lora_" in k}, path)
+    out = tmp_path / "out"
+    code, _, err = merge(capsys, base, adapter, out)
+    assert_one_line_error(code, err, "declares trained modules the adapter file does not hold (embed_tokens, lm_head)")
+    nothing_written(out)
+
+
+def test_declared_modules_the_model_lacks_are_not_missing(copies, tmp_path, capsys):
+    """A name in modules_to_save that matches no module was inert in training too (PEFT ignores it)."""
+    base, adapter = copies
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["modules_to_save"] = config["modules_to_save"] + ["wte"]
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out")
+    assert code == 0, err
+
+
+def test_one_lock_for_one_folder_whatever_link_reaches_it(demo_pair, tmp_path, capsys):
+    real_out = tmp_path / "x" / "out"
+    real_out.parent.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(real_out)
+    with output_lock(real_out):
+        code, _, err = merge(capsys, demo_pair[0], demo_pair[1], link)
+    assert_one_line_error(code, err, "another merge is writing it")
+
+
+def test_a_disk_filling_while_copying_an_input_names_the_output_file(demo_pair, tmp_path, capsys, monkeypatch):
+    import errno
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full)  # shutil.copyfile's fast path: its error names source and destination
+    out = tmp_path / "out"
+    code, _, err = merge(capsys, demo_pair[0], demo_pair[1], out)
+    assert_one_line_error(code, err, "the disk filled up while writing", str(tmp_path / ".out.tmp-"))
+    nothing_written(out)
