@@ -10,12 +10,15 @@ from typing import TYPE_CHECKING
 from .errors import (
     AdapterError,
     CheckpointError,
+    HubPushError,
     IncompatibleError,
     InputNotFoundError,
     MergerError,
     OptionsError,
     OutputError,
     OutputExistsError,
+    OutputLockedError,
+    UnsafeInputError,
     UnsupportedError,
     ValidationFailedError,
 )
@@ -24,19 +27,20 @@ from .options import MergeOptions
 __version__ = "0.1.0"
 
 __all__ = [
-    "merge_adapter", "inspect_adapter", "validate_checkpoint", "merge_peft_model", "MergeAdapterCallback",
+    "merge_adapter", "inspect_adapter", "validate_checkpoint", "repair_checkpoint", "merge_peft_model", "MergeAdapterCallback",
     "MergeOptions", "MergeResult",
-    "MergerError", "AdapterError", "CheckpointError", "IncompatibleError", "InputNotFoundError",
-    "OptionsError", "OutputError", "OutputExistsError", "UnsupportedError", "ValidationFailedError",
+    "MergerError", "AdapterError", "CheckpointError", "HubPushError", "IncompatibleError", "InputNotFoundError",
+    "OptionsError", "OutputError", "OutputExistsError", "OutputLockedError", "UnsafeInputError", "UnsupportedError",
+    "ValidationFailedError",
 ]
 
 if TYPE_CHECKING:
-    from .api import MergeResult, inspect_adapter, merge_adapter, validate_checkpoint
+    from .api import MergeResult, inspect_adapter, merge_adapter, repair_checkpoint, validate_checkpoint
     from .hooks import MergeAdapterCallback, merge_peft_model
 
 
 def __getattr__(name: str):
-    if name in ("merge_adapter", "inspect_adapter", "validate_checkpoint", "MergeResult"):
+    if name in ("merge_adapter", "inspect_adapter", "validate_checkpoint", "repair_checkpoint", "MergeResult"):
         from . import api
 
         return getattr(api, name)

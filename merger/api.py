@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .commit import check_free_space, check_no_overlap, check_output_target, make_parent, promote, recover_leftovers, staging_folder
-from .errors import IncompatibleError, InputFileError, MergerError, OptionsError, OutputError, ValidationFailedError
+from .errors import HubPushError, IncompatibleError, InputFileError, MergerError, OptionsError, OutputError, ValidationFailedError
 from .lock import output_lock
 from .facts import gather_facts
+from .hub import HubPush, push_folder
+from .metadata import plan_output_files
 from .options import MergeOptions
 from .preflight import check_memory, output_bytes
 from .plan import MergePlan, plan_merge
@@ -33,12 +35,14 @@ class MergeResult:
     seconds: float
     size_bytes: int
     files: list[str] = field(default_factory=list)
+    hub: HubPush | None = None  # where OUT was pushed, with push_to_hub
 
     def summary(self) -> str:
         from .render import human_bytes
 
         return (f"merged into {self.out} ({human_bytes(self.size_bytes)}, {len(self.files)} weight files) in "
-                f"{self.seconds:.1f}s with the {self.engine} engine; {self.validation.summary()}")
+                f"{self.seconds:.1f}s with the {self.engine} engine; {self.validation.summary()}"
+                + (f"; {self.hub.summary()}" if self.hub else ""))
 
     def __repr__(self) -> str:
         from .render import report_text
@@ -67,6 +71,7 @@ def inspect_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, 
     adapter_dir = resolve_folder(adapter, "adapter")
     facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code)
     plan = plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
+    plan = dataclasses.replace(plan, outputs=plan_output_files(plan))
     if facts.non_finite:  # first: nothing else about a diverged adapter matters
         names = ", ".join(facts.non_finite[:3]) + (f" and {len(facts.non_finite) - 3} more" if len(facts.non_finite) > 3 else "")
         problem = (f"{adapter_dir / facts.adapter.weights_file}: {names} hold NaN or Inf values (training diverged or the save "
@@ -100,7 +105,9 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     ``base`` may be None: then the adapter's recorded base_model_name_or_path is used.
     Keyword arguments are MergeOptions fields (engine, dtype, validate, overwrite, ...). Raises a
     MergerError subclass with a one-line message for bad input, ValidationFailedError (OUT left
-    untouched) when the written checkpoint fails validation.
+    untouched) when the written checkpoint fails validation. With ``push_to_hub="owner/name"`` the
+    committed OUT is then uploaded (``result.hub``); a failed upload raises HubPushError, whose
+    ``result`` is the merge that stands.
     """
     started = time.monotonic()
     opts = _options(options, overrides)
@@ -120,7 +127,14 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
             # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
             # planning is mostly the single-threaded import of transformers
             with InputHasher({"adapter": adapter_dir, "base": base_dir}) as hasher:
-                return _merge_planned(base_dir, adapter_dir, out, opts, hasher, started, quiet, recovered)
+                result = _merge_planned(base_dir, adapter_dir, out, opts, hasher, started, quiet, recovered)
+            if opts.push_to_hub:  # only a validated, committed OUT is pushed, still under OUT's lock
+                try:
+                    result.hub = push_folder(result.out, opts)
+                except HubPushError as exc:
+                    exc.result = result  # the merge stands: a caller such as the training hook keeps it
+                    raise
+            return result
     except MergerError:
         raise
     except OSError as exc:  # the disk filled, a file vanished or turned unreadable mid-merge
@@ -165,8 +179,10 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
     for note in plan.notes:
         log.warning(note)
 
-    from .outputs import copy_generation_config, copy_model_code, copy_tokenizer, remove_adapter_leftovers, write_config
+    from .model_card import write_card
+    from .outputs import write_metadata
     from .report import plan_summary, versions, write_report
+    from .serving import check_serving
 
     with staging_folder(out) as tmp:
         with _progress(len(plan.ops), f"merging ({engine})", quiet) as tick:
@@ -178,16 +194,13 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
                 from .engines.peft import execute_peft
 
                 files = execute_peft(plan, tmp, tick)
-        write_config(plan, tmp)
-        copy_generation_config(plan, tmp)
-        copy_model_code(plan, tmp)
-        copy_tokenizer(plan, tmp)
-        remove_adapter_leftovers(tmp)
+        write_metadata(plan, tmp)
         # LoRA on raw parameters has no per-module check: only the logits prove it merged
         mode = "full" if plan.parameter_lora and opts.validate == "fast" else opts.validate
         report = validate_output(tmp, plan, mode)
-        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
-        seconds = time.monotonic() - started
+        if not report.ok:
+            raise ValidationFailedError(f"the merged checkpoint failed validation, {out} was not written: " + "; ".join(f.message for f in report.findings[:3]), report)
+        report.serving = check_serving(tmp, plan.base.folder)
         fields = {
             "merger_report": 1,
             "inputs": {"base": str(base_dir), "adapter": str(adapter_dir),
@@ -197,11 +210,14 @@ def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOpti
             "options": opts.__dict__,
             "plan": plan_summary(plan),
             "validation": report.to_dict(),
-            "output": {"path": str(out), "files": sorted(p.name for p in tmp.iterdir()), "bytes": size, "seconds": round(seconds, 3)},
+            "serving": report.serving,
+            "output": {"path": str(out)},
             "recovered": recovered,
         }
-        if not report.ok:
-            raise ValidationFailedError(f"the merged checkpoint failed validation, {out} was not written: " + "; ".join(f.message for f in report.findings[:3]), report)
+        write_card(tmp, plan, fields)
+        size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
+        fields["output"].update(files=sorted(p.name for p in tmp.iterdir()), bytes=size,
+                                seconds=round(time.monotonic() - started, 3))
         write_report(tmp, fields)
         promote(tmp, out, opts.overwrite)
     return MergeResult(out, engine, reason, plan, report, time.monotonic() - started, size, sorted(files))
@@ -249,4 +265,18 @@ def validate_checkpoint(out: str | os.PathLike, base: str | os.PathLike, adapter
                 plan = inspect_adapter(base, adapter, opts.replace(dtype=written))
         except MergerError:
             pass
-    return validate_output(out_dir, plan, mode)
+    from .serving import check_serving
+
+    report = validate_output(out_dir, plan, mode)
+    report.serving = check_serving(out_dir, plan.base.folder)
+    return report
+
+
+def repair_checkpoint(out: str | os.PathLike, base: str | os.PathLike | None = None) -> list[str]:
+    """Fix the metadata serving engines and converters read in a merged folder (vocab_size, tie flags,
+    dtype, generation config stop tokens; with ``base``, tokenizer files), atomically, never the
+    weights. Returns one line per change."""
+    from .repair import repair_folder
+
+    out_dir = resolve_folder(out, "out")
+    return repair_folder(out_dir, resolve_folder(base, "base") if base is not None else None)

@@ -70,6 +70,14 @@ class OutputError(MergerError, PermissionError):
     """OUT cannot be written where it was asked for (a file in the way, no permission, read-only)."""
 
 
+class MissingDependencyError(MergerError, ImportError):
+    """An optional extra a command needs is not installed (e.g. gguf: pip install 'merger[gguf]')."""
+
+
+class ConverterError(MergerError, RuntimeError):
+    """An external converter merger runs for the user (llama.cpp's convert_hf_to_gguf.py) failed."""
+
+
 class ValidationFailedError(MergerError):
     """The merged checkpoint was written but failed validation; it was not committed."""
 
@@ -78,3 +86,9 @@ class ValidationFailedError(MergerError):
     def __init__(self, message: str, report=None):
         super().__init__(message)
         self.report = report
+
+
+class HubPushError(MergerError, ConnectionError):
+    """The merge was committed to OUT, but uploading it to the Hub failed; the message says how to retry."""
+
+    result = None  # the MergeResult of the merge that stands (set by merge_adapter)

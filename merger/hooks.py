@@ -15,7 +15,7 @@ import uuid
 from pathlib import Path
 
 from .commit import swap_in
-from .errors import InputNotFoundError, MergerError, UnsupportedError
+from .errors import HubPushError, InputNotFoundError, MergerError, UnsupportedError
 from .options import MergeOptions
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,8 @@ def merge_peft_model(model, out: str | os.PathLike, tokenizer=None, base: str | 
     :func:`merger.merge_adapter` merges a folder (vocabulary from the adapter's tensors,
     validation, atomic output). ``base`` defaults to the adapter config's
     base_model_name_or_path; without either, InputNotFoundError says to pass ``base=``.
-    Keyword arguments are MergeOptions fields. Returns the MergeResult; raises what
+    Keyword arguments are MergeOptions fields (``push_to_hub="owner/name"``, ``private``,
+    ``revision``, ``create_pr`` upload the validated ``out``). Returns the MergeResult; raises what
     merge_adapter raises.
     """
     from .api import merge_adapter
@@ -149,11 +150,13 @@ class MergeAdapterCallback(_CallbackBase):
     saves the final adapter and tokenizer to ``<args.output_dir>/<adapter_subfolder>`` (the
     embedding layers too when the vocabulary was resized) and merges that folder into ``base``
     (None: the adapter's base_model_name_or_path), written to ``out``, with any MergeOptions
-    (unknown names are refused here, before training starts).
+    (unknown names are refused here, before training starts). ``push_to_hub="owner/name"`` (with
+    ``private``, ``revision``, ``create_pr``) then uploads the validated ``out`` from the main process.
 
     After training: ``result`` is the MergeResult, or None; ``error`` is None or the one-line
     reason the save or merge failed (also logged at ERROR level, and the exception itself is in
-    ``exception``); ``adapter_dir`` is where the adapter was saved. A failure never raises (the
+    ``exception``); ``adapter_dir`` is where the adapter was saved. When only the upload failed,
+    ``result`` still holds the merge and ``error`` says how to retry the upload. A failure never raises (the
     end of training and whatever follows it still run, the saved adapter stays on disk) unless
     ``raise_on_error=True``.
     """
@@ -188,6 +191,12 @@ class MergeAdapterCallback(_CallbackBase):
             return control
         try:
             self.result = merge_adapter(self.base, self.adapter_dir, self.out, self.options, quiet=True)
+        except HubPushError as exc:  # the merge is committed; only the upload is left to do
+            self.result = exc.result
+            self._record(exc, "merger: the merged model was not pushed")
+            if self.raise_on_error:
+                raise
+            return control
         except Exception as exc:
             self._record(exc, f"merger: the merge after training failed; the trained adapter is kept at {self.adapter_dir}")
             if self.raise_on_error:

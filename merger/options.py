@@ -83,6 +83,17 @@ class MergeOptions:
     trust_remote_code: bool = _opt(
         False, "allow the model's own code from the base folder (peft engine only)"
     )
+    push_to_hub: str | None = _opt(
+        None,
+        "after the validated merge is committed, upload OUT to this Hub model repo (owner/name), created "
+        "when missing; the token is huggingface_hub's (HF_TOKEN or `hf auth login`)",
+        metavar="REPO",
+    )
+    private: bool = _opt(False, "with push_to_hub: create the repo private (an existing repo keeps its visibility)")
+    revision: str | None = _opt(
+        None, "with push_to_hub: the branch to push to, created from main when missing (default: main)", metavar="BRANCH"
+    )
+    create_pr: bool = _opt(False, "with push_to_hub: open a pull request instead of committing to the branch")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -111,6 +122,7 @@ class MergeOptions:
                 "drop it or use --device-map auto"
             )
         parse_max_memory(self.max_memory)
+        _check_push(self)
         if parse_size(self.max_shard_size) <= 0:
             raise OptionsError(f"option max_shard_size: {short(self.max_shard_size)} is not a positive size like 5GB or 500MB")
 
@@ -136,6 +148,28 @@ class MergeOptions:
 
     def replace(self, **changes) -> "MergeOptions":
         return dataclasses.replace(self, **changes)
+
+
+# a Hub model repo id as huggingface_hub's validate_repo_id accepts it, the owner required
+_REPO_PART = r"\w(?:[\w.-]{0,94}\w)?"
+_REPO_ID = re.compile(rf"{_REPO_PART}/{_REPO_PART}", re.ASCII)
+_BRANCH = re.compile(r"\w(?:[\w./-]{0,198}\w)?", re.ASCII)
+
+
+def _check_push(options: "MergeOptions") -> None:
+    repo, branch = options.push_to_hub, options.revision
+    if repo is None:
+        given = [name for name in ("private", "revision", "create_pr") if getattr(options, name) not in (None, False)]
+        if given:
+            raise OptionsError(f"option {given[0]}: only applies to a push to the Hub; add --push-to-hub OWNER/NAME "
+                               f"or drop --{given[0].replace('_', '-')}")
+        return
+    if not _REPO_ID.fullmatch(repo) or "--" in repo or ".." in repo or repo.endswith(".git"):
+        raise OptionsError(f"option push_to_hub: {short(repo)} is not a Hub repo id; expected owner/name (letters, "
+                           "digits, - _ . and no -- or ..), e.g. my-user/llama-merged")
+    if branch is not None and (not _BRANCH.fullmatch(branch) or ".." in branch or "//" in branch):
+        raise OptionsError(f"option revision: {short(branch)} is not a branch name; use letters, digits and - _ . /, "
+                           "e.g. merged or refs/pr/3")
 
 
 def _field(name: str) -> dataclasses.Field:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from .report import plan_summary
 
 
@@ -68,6 +70,8 @@ def plan_text(plan) -> str:
     edits = ", ".join(f"{k}={v}" for k, v in s["config_edits"].items())
     lines.append(f"config edits: {edits}")
     lines.append(f"tokenizer: {s['tokenizer']['source']} ({s['tokenizer']['reason']})")
+    if plan.outputs is not None:
+        lines += plan.outputs.lines()
     e = s["estimates"]
     lines.append(f"estimates: output {human_bytes(e['disk_bytes'])}; peak RAM stream ~{human_bytes(e['stream_peak_ram_bytes'])}, "
                  f"peft ~{human_bytes(e['peft_peak_ram_bytes'])} (on a GPU: stream ~{human_bytes(e['stream_peak_gpu_bytes'])}, "
@@ -85,7 +89,25 @@ def report_text(report) -> str:
     lines = [report.summary()]
     lines += [f"  ok: {c}" for c in report.checks]
     lines += [f"  FAIL [{f.code}]: {f.message}" for f in report.findings]
+    lines += serving_text(report.serving)
     return "\n".join(lines)
+
+
+def serving_text(rows: list[dict]) -> list[str]:
+    """The serving-readiness rows as text: a summary line, then each problem with its fix."""
+    if not rows:
+        return []
+    from .serving import summary_line
+
+    lines = [summary_line(rows)]
+    seen = set()
+    for row in rows:
+        for problem in row["problems"]:
+            if problem["message"] not in seen:
+                seen.add(problem["message"])
+                label = "WARNING" if problem["severity"] == "warning" else "NOT READY"
+                lines.append(f"  {label}: {problem['message']} (fix: {problem['fix']})")
+    return lines
 
 
 def result_dict(result) -> dict:
@@ -99,6 +121,7 @@ def result_dict(result) -> dict:
         "files": result.files,
         "plan": plan_summary(result.plan),
         "validation": result.validation.to_dict(),
+        "hub": dataclasses.asdict(result.hub) if result.hub else None,
     }
 
 

@@ -20,8 +20,7 @@ from merger.demo import build_tokenizer
 from merger.errors import (
     IncompatibleError,
     InputNotFoundError,
-    MergerError,
-    UnsupportedError,
+    OptionsError,
 )
 from merger.integrations import autotrain
 from merger.integrations.autotrain import merge_adapter, merge_llm_adapter
@@ -196,14 +195,12 @@ def test_merge_llm_adapter_pad_to_multiple_of_sizes_rows_the_tensors_do_not_fix(
     assert json.loads((tmp_path / "padded" / "config.json").read_text())["vocab_size"] == 72
 
 
-def test_merge_llm_adapter_refuses_to_push(base_dir, project):
-    refusal = r"^merge_llm_adapter: push_to_hub is not done by merger; merge to output_folder, then upload it with huggingface_hub's upload_folder$"
-    with pytest.raises(UnsupportedError, match=refusal):
+def test_merge_llm_adapter_push_needs_the_adapters_hub_id(base_dir, project):
+    """Autotrain pushes to the repo adapter_path names; a local project folder names none (tests/test_hub.py pushes)."""
+    refusal = r"^merge_llm_adapter: push_to_hub=True pushes to the adapter's Hub repo, as Autotrain does, but adapter_path "
+    with pytest.raises(OptionsError, match=refusal):
         merge_llm_adapter(str(base_dir), str(project), push_to_hub=True)
     assert not (project.parent / "project-merged").exists()  # refused before any work
-    with pytest.raises(MergerError):
-        merge_llm_adapter(str(base_dir), str(project), output_folder=str(project.parent / "out"), push_to_hub=True)
-    assert not (project.parent / "out").exists()
 
 
 def test_merge_llm_adapter_token_only_for_the_call(monkeypatch, tmp_path):

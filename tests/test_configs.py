@@ -54,7 +54,7 @@ def test_preset_values_match_each_tools_outputs():
 def test_unknown_key_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dtype: bfloat16\npad_multiple: 64\n")
-    with pytest.raises(OptionsError, match=rf"^config file {bad}: unknown option 'pad_multiple'; known options are device, device_map, dtype, "):
+    with pytest.raises(OptionsError, match=rf"^config file {bad}: unknown option 'pad_multiple'; known options are create_pr, device, device_map, dtype, "):
         MergeOptions.from_mapping(load_config_file(bad), f"config file {bad}")
 
 

@@ -8,7 +8,8 @@ merge-llm-adapter``). Autotrain's own versions load the base in float16, resize 
 validate the result and never leave a half-written model where the adapter was.
 
 Beyond Autotrain's parameters both accept MergeOptions fields as keywords (``dtype="float16"``
-reproduces Autotrain's output dtype) and return the MergeResult where Autotrain returns None.
+reproduces Autotrain's output dtype, ``push_to_hub="owner/name"`` uploads the result) and return
+the MergeResult where Autotrain returns None.
 """
 
 from __future__ import annotations
@@ -21,11 +22,12 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from ..errors import MergerError, UnsupportedError
+from ..errors import MergerError, OptionsError
 from ..keys import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 log = logging.getLogger(__name__)
 
+_PUSH_OPTIONS = ("push_to_hub", "private", "revision", "create_pr")
 # weight files a merged checkpoint consists of; stale ones from an earlier merge are removed
 _WEIGHT_FILE = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 
@@ -40,10 +42,16 @@ def merge_adapter(base_model_path, target_model_path, adapter_path, **options):
     target; only then are its files moved into the target (replacing weight files of an earlier
     merge) and, last, the adapter files removed from the target. On any failure a MergerError is
     raised (Autotrain's caller logs it and keeps the adapter) and the adapter files stay where
-    they were.
+    they were. Push options (``push_to_hub=...``) upload the target once it holds the merge.
     """
     from ..api import merge_adapter as merge
+    from ..hub import push_folder
+    from ..options import MergeOptions
     from ..tokenizer_facts import has_tokenizer
+
+    # the push waits for the target to hold the merge; a bad repo id still fails before any work
+    push = {k: options.pop(k) for k in _PUSH_OPTIONS if k in options}
+    push_options = MergeOptions().merged_with(push, "merge_adapter()") if push else None
 
     target = Path(target_model_path).expanduser().resolve()
     if target.exists() and not target.is_dir():
@@ -64,6 +72,8 @@ def merge_adapter(base_model_path, target_model_path, adapter_path, **options):
             (target / name).unlink()
     result.out = target
     log.info("merged %s into %s and removed its adapter files", adapter_path, target)
+    if push_options is not None and push_options.push_to_hub:
+        result.hub = push_folder(target, push_options)
     return result
 
 
@@ -75,6 +85,9 @@ def _move_into(staging: Path, target: Path) -> None:
             stale.unlink()
     for item in sorted(staging.iterdir()):
         destination = target / item.name
+        if item.name == "README.md" and destination.is_file():  # the project's own model card stays
+            item.unlink()
+            continue
         if destination.is_dir() and not destination.is_symlink():
             shutil.rmtree(destination)
         os.replace(item, destination)
@@ -88,19 +101,28 @@ def merge_llm_adapter(base_model_path, adapter_path, token=None, output_folder=N
     beside a local adapter folder, ``./<name>-merged`` for a Hub id).
 
     ``pad_to_multiple_of`` is used only where the adapter's tensors do not fix the vocabulary
-    rows. ``token`` authorises Hub downloads of base or adapter for this call only.
-    ``push_to_hub=True`` is refused before any work (UnsupportedError): merger writes folders;
-    upload the result with huggingface_hub's ``upload_folder``. Returns the MergeResult.
+    rows. ``token`` authorises the Hub downloads of base or adapter, and the push, for this call only.
+    ``push_to_hub=True`` uploads the validated ``output_folder`` to the repo ``adapter_path`` names,
+    as Autotrain does (the merged model joins the adapter's own Hub repo), so ``adapter_path`` must
+    then be a Hub id, not a local folder; ``push_to_hub="owner/name"`` pushes there instead.
+    Returns the MergeResult.
     """
     from ..api import merge_adapter as merge
 
     if push_to_hub:
-        raise UnsupportedError("merge_llm_adapter: push_to_hub is not done by merger; merge to output_folder, "
-                               "then upload it with huggingface_hub's upload_folder")
+        options["push_to_hub"] = push_to_hub if isinstance(push_to_hub, str) else _adapter_repo(adapter_path)
     if output_folder is None:
         output_folder = default_output_folder(adapter_path)
     with _hub_token(token):
         return merge(base_model_path, adapter_path, output_folder, pad_to_multiple_of=pad_to_multiple_of, quiet=True, **options)
+
+
+def _adapter_repo(adapter_path) -> str:
+    """The repo Autotrain's push_to_hub=True writes to: the adapter's own Hub id."""
+    if Path(str(adapter_path)).expanduser().exists():
+        raise OptionsError(f"merge_llm_adapter: push_to_hub=True pushes to the adapter's Hub repo, as Autotrain does, but "
+                           f"adapter_path {adapter_path} is a local folder; pass push_to_hub='owner/name' to choose the repo")
+    return str(adapter_path).strip("/")
 
 
 def default_output_folder(adapter_path) -> Path:
