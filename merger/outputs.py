@@ -11,6 +11,16 @@ from .keys import ADAPTER_FILES, CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILES, CONFIG,
 from .plan import MergePlan
 
 
+def write_metadata(plan: MergePlan, out_dir: Path) -> None:
+    """Everything in OUT besides the weights, the report and the card."""
+    write_config(plan, out_dir)
+    write_generation_config(plan, out_dir)
+    copy_model_code(plan, out_dir)
+    copy_tokenizer(plan, out_dir)
+    write_sentencepiece_files(plan, out_dir)
+    remove_adapter_leftovers(out_dir)
+
+
 def merged_config(plan: MergePlan) -> dict:
     """The base's config.json with the plan's edits (dotted paths reach into text_config)."""
     config = copy.deepcopy(plan.base.config)
@@ -39,11 +49,26 @@ def copy_model_code(plan: MergePlan, out_dir: Path) -> list[str]:
     return copied
 
 
-def copy_generation_config(plan: MergePlan, out_dir: Path) -> None:
-    """The adapter's generation config wins (training may have set eos/pad for new tokens), else the base's."""
+def write_generation_config(plan: MergePlan, out_dir: Path) -> None:
+    """The adapter's generation config wins (training may have set eos/pad for new tokens), else the
+    base's: byte for byte, unless the plan adds the tokenizer's stop tokens (metadata.py)."""
+    decided = plan.outputs
+    if decided is not None and decided.generation_changes:
+        (out_dir / GENERATION_CONFIG).write_text(json.dumps(decided.generation_config, indent=2) + "\n")
+        return
     for folder, role in ((plan.adapter.folder, "adapter folder"), (plan.base.folder, "base model folder")):
         if copy_input_file(folder, GENERATION_CONFIG, out_dir, role):
             return
+
+
+def write_sentencepiece_files(plan: MergePlan, out_dir: Path) -> None:
+    """The base's tokenizer.model (and added_tokens.json) beside a tokenizer that lacks it (metadata.py)."""
+    decided = plan.outputs
+    if decided is None or decided.sentencepiece_model is None:
+        return
+    copy_input_file(plan.base.folder, "tokenizer.model", out_dir, "base model folder")
+    if decided.added_tokens and not (out_dir / "added_tokens.json").exists():
+        (out_dir / "added_tokens.json").write_text(json.dumps(decided.added_tokens, indent=2, ensure_ascii=False) + "\n")
 
 
 def copy_tokenizer(plan: MergePlan, out_dir: Path) -> list[str]:

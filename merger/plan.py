@@ -23,9 +23,11 @@ from .plan_rules import (
     declared_but_missing,
     choose_tokenizer,
     embed_extra_rows,
+    hard_tied_head_note,
     is_module_copy,
     prefer,
     quantization_problem,
+    serving_config_edits,
     trained_on,
     unmatched_targets,
 )
@@ -98,6 +100,8 @@ class MergePlan:
     # of those, rows the merge appends because the adapter was trained without them (transformers'
     # resize drops them): the trained model had embed.rows - embed_design_pad rows
     embed_design_pad: int = 0
+    # decisions about OUT's other files that readers depend on (metadata.OutputFiles), from the input files
+    outputs: object | None = None
 
     @property
     def stories(self) -> list[str]:
@@ -471,13 +475,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
             edits[path] = embed.rows - embed_extra
         if base.text_config_key and f"{base.text_config_key}.vocab_size" not in edits:
             edits[f"{base.text_config_key}.vocab_size"] = embed.rows - embed_extra
-    if tie != base.declared_tie() or (base_tied and not tie):
-        edits["tie_word_embeddings"] = tie
-        if base.text_config_key:
-            edits[f"{base.text_config_key}.tie_word_embeddings"] = tie
-    edits["dtype"] = dtype
-    if "torch_dtype" in base.config:
-        edits["torch_dtype"] = dtype
+    edits.update(serving_config_edits(base, tie, base_tied, dtype))
     if layout.config_overrides:
         edits.update(layout.config_overrides)
         edits["architectures"] = [layout.class_name]
@@ -486,6 +484,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     if unmatched:
         notes.append(f"target_modules entries that match nothing in the base: {', '.join(unmatched)}")
     tok_source, tok_reason = choose_tokenizer(base, adapter, options)
+    hard_tied = hard_tied_head_note(base, tie)
+    if hard_tied:
+        notes.append(hard_tied)
     blockers = _stream_blockers(layout, adapter)
     if parameter_lora:
         targets = ", ".join(config.get("target_parameters") or [])

@@ -156,3 +156,37 @@ def declared_but_missing(adapter: AdapterInfo, layout: ModelLayout, module_of) -
         if model_has(name) and not any(matches(m, name) for m in saved["tokens"] + saved["full"]):
             problems.append(f"{name} (trainable_token_indices)")
     return problems
+
+
+def serving_config_edits(base: CheckpointInfo, tie: bool, base_tied: bool, dtype: str) -> dict:
+    """config.json keys every reader must find right: the tie flag at every level (vLLM and SGLang
+    read text_config's, transformers the top level's; a flag at one level only has made served
+    models drop their head), and a concrete dtype wherever a dtype key is (a null one makes vLLM
+    load float32)."""
+    edits: dict = {}
+    key = base.text_config_key
+    levels = [("", base.config)] + ([(f"{key}.", base.config[key])] if key else [])
+    if tie != base.declared_tie() or (base_tied and not tie) or any(
+            level.get("tie_word_embeddings") != tie for _, level in levels):
+        for prefix, _ in levels:
+            edits[f"{prefix}tie_word_embeddings"] = tie
+    edits["dtype"] = dtype
+    for prefix, level in levels:
+        for name in ("dtype", "torch_dtype"):
+            if name in level:
+                edits[f"{prefix}{name}"] = dtype
+    return edits
+
+
+# architectures whose served forms always compute logits with the embedding matrix: vLLM and
+# SGLang build them tied whatever the config says, and llama.cpp's converter drops lm_head.weight
+HARD_TIED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "cohere", "cohere2", "mpt")
+
+
+def hard_tied_head_note(base: CheckpointInfo, tie: bool) -> str | None:
+    model_type = base.text_config.get("model_type") or base.config.get("model_type")
+    if tie or model_type not in HARD_TIED_MODEL_TYPES:
+        return None
+    return (f"{model_type}: the trained lm_head differs from the embedding, but vLLM and SGLang always serve {model_type} "
+            "with the head tied to the embedding and llama.cpp's converter drops lm_head.weight: there the trained head is "
+            "ignored (transformers uses it)")

@@ -125,6 +125,7 @@ def plan_summary(plan) -> dict:
         "notes": list(plan.notes),
         "stream_blockers": list(plan.stream_blockers),
         "problems": list(plan.problems),
+        "outputs": plan.outputs.to_dict() if plan.outputs is not None else None,
     }
 
 

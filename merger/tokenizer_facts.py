@@ -6,6 +6,7 @@ tiktoken model falls back to transformers' AutoTokenizer for the length.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,9 @@ class TokenizerFacts:
     has_chat_template: bool = False
     source: str = "files"  # how the length was found
     complete: bool = True  # has its own vocabulary files (else only config files over another's vocabulary)
+    # tokens that end generation: (id, content, why), e.g. the eos_token and a chat template's end of turn
+    stop_tokens: tuple[tuple[int, str, str], ...] = field(default=())
+    vocab_pieces: int | None = None  # the model's own vocabulary (tokenizer.json's model.vocab), added tokens aside
 
     @property
     def id_bound(self) -> int | None:
@@ -88,7 +92,8 @@ def read_tokenizer_facts(folder: Path, vocabulary_from: Path | None = None) -> T
         length = (under.length or 0) + len(ids_beyond)
         max_id = max([under.max_id or 0] + list(added))
         return TokenizerFacts(str(folder), files, length, max_id, tuple((i, c, s) for i, (c, s) in sorted(added.items())),
-                              own.has_chat_template or under.has_chat_template, "files+base vocabulary", complete=False)
+                              own.has_chat_template or under.has_chat_template, "files+base vocabulary", complete=False,
+                              stop_tokens=own.stop_tokens or under.stop_tokens)
     source = "files"
     try:
         ids, added, config = _ids_from_files(folder)
@@ -98,24 +103,108 @@ def read_tokenizer_facts(folder: Path, vocabulary_from: Path | None = None) -> T
 
     chat = isinstance(config, dict) and bool(config.get("chat_template"))
     chat = chat or (folder / "chat_template.json").is_file() or (folder / "chat_template.jinja").is_file()
+    stops = stop_tokens(ids, added, config, chat_template_text(folder, config) if chat else "")
 
     all_ids = set(ids.values()) | set(added)
     if not complete:
         # config files only: the vocabulary lives elsewhere, so only the added ids are known
         added_sorted = tuple((i, c, s) for i, (c, s) in sorted(added.items()))
-        return TokenizerFacts(str(folder), files, None, max(added) if added else None, added_sorted, chat, "config files only", False)
+        return TokenizerFacts(str(folder), files, None, max(added) if added else None, added_sorted, chat, "config files only", False,
+                              stop_tokens=stops)
     if not ids:
         length, max_id = _length_with_transformers(folder)
         source = "transformers"
         if length is None:
-            return TokenizerFacts(str(folder), files, None, None, (), chat, "unknown", complete)
+            return TokenizerFacts(str(folder), files, None, None, (), chat, "unknown", complete, stop_tokens=stops)
         all_ids = set(range(length)) | set(added)
         return TokenizerFacts(str(folder), files, max(len(all_ids), length), max(max_id, *all_ids),
-                              tuple((i, c, s) for i, (c, s) in sorted(added.items())), chat, source, complete)
+                              tuple((i, c, s) for i, (c, s) in sorted(added.items())), chat, source, complete, stop_tokens=stops)
     # len(tokenizer) counts distinct tokens: vocabulary plus added tokens not already in it
     length = len(all_ids)
     added_sorted = tuple((i, c, s) for i, (c, s) in sorted(added.items()))
-    return TokenizerFacts(str(folder), files, length, max(all_ids), added_sorted, chat, source, complete)
+    return TokenizerFacts(str(folder), files, length, max(all_ids), added_sorted, chat, source, complete, stop_tokens=stops,
+                          vocab_pieces=len(ids))
+
+
+_END_OF_TURN = re.compile(r"end|eot|eos", re.IGNORECASE)
+
+
+def stop_tokens(ids: dict[str, int], added: dict[int, tuple[str, bool]], config: dict | None,
+                chat_text: str) -> tuple[tuple[int, str, str], ...]:
+    """The tokens generation should stop on: the tokenizer's eos_token, and special tokens the chat
+    template uses to end a turn (<|im_end|>, <|eot_id|>, <end_of_turn>)."""
+    lookup = dict(ids)
+    lookup.update((content, i) for i, (content, _) in added.items())
+    found: dict[int, tuple[str, str]] = {}
+    eos = config.get("eos_token") if isinstance(config, dict) else None
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if isinstance(eos, str) and eos in lookup:
+        found[lookup[eos]] = (eos, "the tokenizer's eos_token")
+    for i, (content, special) in sorted(added.items()):
+        if special and i not in found and content and content in chat_text and _END_OF_TURN.search(content):
+            found[i] = (content, "ends a turn in the chat template")
+    return tuple((i, content, why) for i, (content, why) in found.items())
+
+
+def chat_template_text(folder: Path, config: dict | None) -> str:
+    """Every chat template the tokenizer folder holds, as one string (for finding the tokens it uses)."""
+    parts = []
+    template = config.get("chat_template") if isinstance(config, dict) else None
+    if isinstance(template, str):
+        parts.append(template)
+    elif isinstance(template, list):
+        parts.extend(str(t.get("template", "")) for t in template if isinstance(t, dict))
+    if (folder / "chat_template.jinja").is_file():
+        path = confined(folder, "chat_template.jinja", "tokenizer folder")
+        if path.stat().st_size <= MAX_TOKENIZER_JSON_BYTES:
+            parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    if (folder / "chat_template.json").is_file():
+        data = _load_json(folder / "chat_template.json")
+        if isinstance(data, dict) and isinstance(data.get("chat_template"), str):
+            parts.append(data["chat_template"])
+    return "\n".join(parts)
+
+
+def sentencepiece_size(path: Path) -> int | None:
+    """Pieces in a SentencePiece model file, counted from its protobuf (field 1, repeated) without
+    the sentencepiece package; None when the file is not one."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None
+    position, pieces = 0, 0
+
+    def varint(at: int) -> tuple[int, int]:
+        value = shift = 0
+        while True:
+            if at >= len(data) or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[at]
+            value |= (byte & 0x7F) << shift
+            at += 1
+            if not byte & 0x80:
+                return value, at
+            shift += 7
+
+    try:
+        while position < len(data):
+            tag, position = varint(position)
+            field_number, wire = tag >> 3, tag & 7
+            if wire == 0:
+                _, position = varint(position)
+            elif wire == 2:
+                length, position = varint(position)
+                position += length
+                pieces += field_number == 1
+            elif wire == 5:
+                position += 4
+            elif wire == 1:
+                position += 8
+            else:
+                return None
+        return pieces if position == len(data) and pieces else None
+    except ValueError:
+        return None
 
 
 def _token_id(value) -> int:

@@ -52,6 +52,7 @@ class ValidationReport:
     findings: list[Finding] = field(default_factory=list)
     checks: list[str] = field(default_factory=list)
     metrics: dict = field(default_factory=dict)
+    serving: list = field(default_factory=list)  # readiness per reader (serving.py); not part of ok
 
     @property
     def ok(self) -> bool:
@@ -72,11 +73,13 @@ class ValidationReport:
 
     def to_dict(self) -> dict:
         return {"mode": self.mode, "ok": self.ok, "checks": self.checks, "metrics": self.metrics,
-                "findings": [{"code": f.code, "message": f.message} for f in self.findings]}
+                "findings": [{"code": f.code, "message": f.message} for f in self.findings], "serving": self.serving}
 
     def summary(self) -> str:
         if self.mode == "off":
             return "validation off"
+        if self.mode == "none":
+            return "weights not checked (pass --adapter, and --base, to prove them)"
         if self.ok:
             parts = [f"{label} {self.metrics[key]:.1e}" for key, label in
                      (("max_rel_error_modules", "modules"), ("max_rel_error_new_rows", "new rows"), ("max_rel_error_logits", "logits"))
