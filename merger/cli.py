@@ -15,16 +15,19 @@ EXAMPLES = """examples:
   merge-adapter --base ./Llama-2-7b-hf --adapter ./my-lora --out ./merged
   merge-adapter inspect --base ./Llama-2-7b-hf --adapter ./my-lora
   merge-adapter validate ./merged --base ./Llama-2-7b-hf --adapter ./my-lora
+  merge-adapter validate ./merged-elsewhere --base ./Llama-2-7b-hf --repair
   merge-adapter --config configs/llama-factory.yaml --base B --adapter A --out O --dtype bfloat16
   merge-adapter demo
+  merge-adapter gguf ./merged --llama-cpp ~/llama.cpp --outtype bf16   # convert with llama.cpp, check the GGUF
+  merge-adapter gguf ./merged --check ./merged.gguf                      # check a GGUF someone converted
 
 exit codes: 0 merged and validated, 1 validation failed (OUT untouched), 2 bad input or usage
 """
 
-COMMANDS = ("merge", "inspect", "validate", "demo")
+COMMANDS = ("merge", "inspect", "validate", "demo", "gguf")
 
 
-WRITE_ONLY_OPTIONS = ("overwrite", "max_shard_size")  # meaningless where nothing is written
+WRITE_ONLY_OPTIONS = ("overwrite", "max_shard_size", "push_to_hub", "private", "revision", "create_pr")  # meaningless where nothing is written
 
 
 def _add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
@@ -42,8 +45,11 @@ def _add_option_flags(parser: argparse.ArgumentParser, command: str) -> None:
                                default=argparse.SUPPRESS, help=help_text)
 
 
-def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="YAML file of merge options; flags given here override it")
+def _add_common(parser: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        parser.add_argument("--config", metavar="FILE", help="YAML file of merge options; flags given here override it")
+    else:  # a command that takes no merge options
+        parser.set_defaults(config=None)
     parser.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
@@ -55,23 +61,47 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     descriptions = {
         "merge": "Merge a PEFT LoRA adapter into its base model and write a validated checkpoint.",
         "inspect": "Show what a merge would do (rows, tying, operations, problems); writes nothing.",
-        "validate": "Check an existing merged checkpoint against its base and adapter.",
+        "validate": ("Check an existing merged checkpoint (any tool's): its weights against base + adapter, and what "
+                     "transformers, vLLM, SGLang, TGI and llama.cpp's converter read; --repair fixes the metadata."),
         "demo": "Build a tiny base and a resized-vocabulary adapter, merge them, show the story. No downloads.",
+        "gguf": ("Convert a merged folder to GGUF with llama.cpp's own convert_hf_to_gguf.py (not bundled: without "
+                 "--llama-cpp, print the command), then check the GGUF's vocabulary against the folder; exit 1 when a check fails."),
     }
     parser = _Parser(prog=prog, description=descriptions[command], epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if command == "validate":
         parser.add_argument("out", metavar="OUT", help="the merged checkpoint folder to check")
+        parser.add_argument("--repair", action="store_true",
+                            help="fix the metadata readers need (vocab_size, tie flags, dtype, generation config stop tokens; "
+                                 "with --base, tokenizer files) in place, atomically, printing each change; never the weights")
     if command in ("merge", "inspect", "validate"):
         parser.add_argument("--base", metavar="BASE", help="base model folder or Hub id (default: the base_model_name_or_path recorded in the adapter)")
-        parser.add_argument("--adapter", required=True, metavar="ADAPTER", action=_Once, help="PEFT adapter folder or Hub id")
+        parser.add_argument("--adapter", required=command != "validate", metavar="ADAPTER", action=_Once,
+                            help="PEFT adapter folder or Hub id" + (" (without it, validate checks only what serving engines "
+                                                                   "read, not the weights)" if command == "validate" else ""))
     if command == "merge":
         parser.add_argument("--out", required=True, metavar="OUT", help="output folder (written atomically)")
     if command == "demo":
         parser.add_argument("--out", metavar="OUT", help="keep the demo's merged model here (default: a temporary folder)")
-    _add_common(parser)
-    _add_option_flags(parser, command)
+    if command == "gguf":
+        _add_gguf_arguments(parser)
+    _add_common(parser, config=command != "gguf")
+    if command != "gguf":
+        _add_option_flags(parser, command)
     return parser
+
+
+def _add_gguf_arguments(parser: argparse.ArgumentParser) -> None:
+    from .llama_cpp import CONVERTER, OUTTYPES
+
+    parser.add_argument("dir", metavar="DIR", help="the merged checkpoint folder")
+    parser.add_argument("--llama-cpp", metavar="LLAMA_CPP_DIR", help=f"a llama.cpp checkout: run its {CONVERTER} with this "
+                        "Python (default: print the command to run, and do nothing else)")
+    parser.add_argument("--outtype", choices=OUTTYPES, help="the converter's --outtype (default: auto, which llama.cpp "
+                        "makes bf16 for bf16 weights, else f16)")
+    parser.add_argument("--outfile", metavar="FILE", help="the GGUF to write (default: DIR-OUTTYPE.gguf beside DIR, DIR.gguf for auto)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --outfile")
+    parser.add_argument("--check", metavar="FILE", help="convert nothing: check this existing GGUF against DIR")
 
 
 def resolve_options(args: argparse.Namespace) -> MergeOptions:
@@ -235,6 +265,8 @@ def _run(command: str, args, options: MergeOptions) -> int:
         from .demo import run_demo
 
         return run_demo(args.out, options, quiet=args.quiet, as_json=args.json)
+    if command == "gguf":
+        return _run_gguf(args)
     if command == "inspect":
         plan = api.inspect_adapter(args.base, args.adapter, options)
         print(json.dumps(render.plan_dict(plan), indent=2, default=str) if args.json else render.plan_text(plan))
@@ -247,9 +279,7 @@ def _run(command: str, args, options: MergeOptions) -> int:
     if command == "validate":
         if options.validate == "off":
             raise OptionsError("merge-adapter validate: --validate off would check nothing; use fast (the default) or full")
-        report = api.validate_checkpoint(args.out, args.base, args.adapter, options.validate, options)
-        print(json.dumps(report.to_dict(), indent=2) if args.json else render.report_text(report))
-        return EXIT_OK if report.ok else EXIT_VALIDATION_FAILED
+        return _validate(args, options)
     if args.config:  # the one input only the CLI knows of: OUT must not swallow it either
         from pathlib import Path
 
@@ -264,4 +294,77 @@ def _run(command: str, args, options: MergeOptions) -> int:
             for line in result.plan.stories:
                 print(line)
         print(result.summary())
+        serving = render.serving_text(result.validation.serving)
+        if serving and (not args.quiet or len(serving) > 1):  # quiet still says what a reader will get wrong
+            print("\n".join(serving))
     return EXIT_OK
+
+
+def _run_gguf(args) -> int:
+    """Print llama.cpp's conversion command, or run it; then check the GGUF against DIR."""
+    import shlex
+    from pathlib import Path
+
+    from . import gguf, llama_cpp
+
+    if args.check is not None:
+        given = [flag for flag, value in (("--llama-cpp", args.llama_cpp), ("--outfile", args.outfile),
+                                          ("--outtype", args.outtype), ("--overwrite", args.overwrite)) if value]
+        if given:
+            raise OptionsError(f"merge-adapter gguf: --check reads an existing GGUF and {', '.join(given)} convert a new one; "
+                               "give one or the other")
+        report = gguf.check_gguf(args.check, args.dir)
+    else:
+        outtype = args.outtype or "auto"
+        outfile = Path(args.outfile) if args.outfile else llama_cpp.default_outfile(args.dir, outtype)
+        if args.llama_cpp is None:
+            if not Path(args.dir).is_dir():
+                from .errors import InputNotFoundError
+
+                raise InputNotFoundError(f"merged folder {args.dir}: does not exist; pass the folder merge-adapter wrote")
+            command = shlex.join(llama_cpp.converter_command(args.dir, outfile, outtype, f"llama.cpp/{llama_cpp.CONVERTER}"))
+            check = shlex.join(["merge-adapter", "gguf", args.dir, "--check", str(outfile)])
+            print(json.dumps({"ok": True, "converted": False, "command": command, "check": check}, indent=2)
+                  if args.json else f"{command}\n{check}")
+            if not args.quiet:
+                print(f"llama.cpp is not bundled: run the first command from beside a llama.cpp checkout (git clone "
+                      f"https://github.com/ggml-org/llama.cpp; pip install -r llama.cpp/{llama_cpp.CONVERTER_REQUIREMENTS}), "
+                      "then the second to check the GGUF; or pass --llama-cpp DIR to have merge-adapter do both", file=sys.stderr)
+            return EXIT_OK
+        model = gguf.read_model_facts(args.dir)  # a folder or a package that cannot be checked fails before converting
+        gguf.import_gguf()
+        echo = (lambda line: print(line, file=sys.stderr)) if args.verbose else None
+        ran = llama_cpp.run_converter(args.dir, outfile, outtype, args.llama_cpp, overwrite=args.overwrite, echo=echo)
+        report = gguf.check_gguf(outfile, args.dir, model)
+        report.command = ran
+    print(json.dumps(report.to_dict(), indent=2) if args.json else gguf.report_text(report))
+    return EXIT_OK if report.ok else EXIT_VALIDATION_FAILED
+
+
+def _validate(args, options: MergeOptions) -> int:
+    """validate OUT [--base B] [--adapter A] [--repair]: repair first (metadata only), then prove."""
+    from . import api, render
+    from .sources import resolve_base, resolve_folder
+    from .validate import ValidationReport
+
+    out = resolve_folder(args.out, "out")
+    adapter = resolve_folder(args.adapter, "adapter") if args.adapter else None
+    base = resolve_base(args.base, adapter) if adapter else (resolve_folder(args.base, "base") if args.base else None)
+    repaired = api.repair_checkpoint(out, base) if args.repair else []
+    if adapter is not None:
+        report = api.validate_checkpoint(out, base, adapter, options.validate, options)
+    else:
+        from .serving import check_serving
+
+        report = ValidationReport("none")
+        report.serving = check_serving(out, base)
+    ready = all(row["ok"] for row in report.serving)
+    if args.json:
+        print(json.dumps({**report.to_dict(), "repaired": repaired, "ready": ready}, indent=2))
+    else:
+        for line in repaired:
+            print(f"repaired: {line}")
+        if args.repair and not repaired:
+            print("repaired: nothing needed fixing")
+        print(render.report_text(report))
+    return EXIT_OK if report.ok and ready else EXIT_VALIDATION_FAILED

@@ -29,7 +29,7 @@ def one_line(err: str) -> str:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["--adapter", "a", "--out", "o", "--dtype", "fp8"], "error: merge-adapter: argument --dtype: invalid choice: 'fp8'"),
     ([], "error: merge-adapter: the following arguments are required: --adapter, --out; see merge-adapter --help"),
-    (["merg", "--adapter", "a", "--out", "o"], "('merg' is not a command: merge, inspect, validate, demo; without one, merge-adapter merges)"),
+    (["merg", "--adapter", "a", "--out", "o"], "('merg' is not a command: merge, inspect, validate, demo, gguf; without one, merge-adapter merges)"),
     (["inspect", "--adapter", "a", "--overwrite"], "error: merge-adapter inspect: unrecognized arguments: --overwrite"),
 ])
 def test_usage_errors_are_one_line_and_exit_2(capsys, argv, expected):
