@@ -36,11 +36,7 @@ def check_memory(plan, engine: str) -> None:
 
 
 def output_bytes(plan) -> int:
+    from .tensors import numel
+
     per = 2 if plan.dtype in ("bfloat16", "float16") else 4
-    total = 0
-    for op in plan.ops:
-        count = 1
-        for dim in op.shape:
-            count *= dim
-        total += count * per
-    return total
+    return sum(numel(op.shape) * per for op in plan.ops)

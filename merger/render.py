@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from .report import plan_summary
+from .tensors import numel
 
 
 def plan_dict(plan) -> dict:
@@ -23,7 +24,7 @@ def estimates(plan) -> dict:
     from .preflight import output_bytes
 
     out_bytes = output_bytes(plan)
-    largest = max((_numel(op.shape) for op in plan.ops), default=0)
+    largest = max((numel(op.shape) for op in plan.ops), default=0)
     block = min(largest * 4, BLOCK_BYTES)
     return {
         "disk_bytes": out_bytes,
@@ -41,13 +42,6 @@ def human_bytes(count: int) -> str:
         if count >= size:
             return f"{count / size:.2f} {unit}"
     return f"{count} B"
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def plan_text(plan) -> str:

@@ -40,10 +40,11 @@ class TensorMeta:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * DTYPE_BITS.get(self.dtype, 32) // 8
+        return numel(self.shape) * DTYPE_BITS.get(self.dtype, 32) // 8
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
+    """Elements in a tensor of this shape (1 for a scalar)."""
     count = 1
     for dim in shape:
         count *= dim
@@ -118,7 +119,7 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise error(f"{where}: data_offsets {_short(offsets)} are not [begin, end] with 0 <= begin <= end; {fix}")
-        bits = _numel(shape) * DTYPE_BITS[dtype]
+        bits = numel(shape) * DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
             raise error(f"{where}: {dtype} {list(shape)} needs {bits / 8:g} bytes but its data_offsets span "
                         f"{offsets[1] - offsets[0]}; {fix}")

@@ -20,7 +20,7 @@ from ..lora import dora_weight, embedding_delta, linear_delta
 from ..options import parse_size
 from ..plan import MergePlan, TensorOp
 from ..shards import OutTensor, ShardWriter, plan_shards, write_index
-from ..tensors import DTYPE_SIZES, SAFETENSORS_TAGS, TORCH_NAMES, TensorMeta
+from ..tensors import DTYPE_SIZES, SAFETENSORS_TAGS, TORCH_NAMES, TensorMeta, numel
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +93,6 @@ def cpu_threads():
         torch.set_num_threads(before)
 
 
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
-
-
 class Scratch:
     """Flat buffers reused across blocks, one per (purpose, dtype), grown to the largest request."""
 
@@ -110,12 +103,12 @@ class Scratch:
     def take(self, purpose: str, shape, dtype):
         import torch
 
-        numel = _numel(shape)
+        count = numel(shape)
         buf = self.buffers.get((purpose, dtype))
-        if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=self.device)
+        if buf is None or buf.numel() < count:
+            buf = torch.empty(count, dtype=dtype, device=self.device)
             self.buffers[(purpose, dtype)] = buf
-        return buf[:numel].view(tuple(shape))
+        return buf[:count].view(tuple(shape))
 
 
 class TensorFiles:
@@ -145,7 +138,7 @@ class TensorFiles:
             self.close()
             self.fd = os.open(self.folder / meta.file, os.O_RDONLY)
             self.name = meta.file
-        row_bytes = _numel(meta.shape[1:]) * DTYPE_SIZES[meta.dtype] if meta.shape else DTYPE_SIZES[meta.dtype]
+        row_bytes = numel(meta.shape[1:]) * DTYPE_SIZES[meta.dtype] if meta.shape else DTYPE_SIZES[meta.dtype]
         view = memoryview(into.reshape(-1).view(torch.uint8).numpy())
         position, got, need = meta.offset + start * row_bytes, 0, (stop - start) * row_bytes
         while got < need:
@@ -269,7 +262,7 @@ class OpRunner:
         out_dtype = self.out_dtype if op.cast else src_dtype
         plain = not (op.lora or op.token_rows_key) and out_rows <= src_rows
         dora_whole = op.lora is not None and op.lora.magnitude_key is not None and op.lora.kind != "linear"
-        step = out_rows if dora_whole else max(1, BLOCK_BYTES // max(1, _numel(rest) * 4))
+        step = out_rows if dora_whole else max(1, BLOCK_BYTES // max(1, numel(rest) * 4))
 
         if plain and out_dtype == src_dtype:  # a copy: source bytes straight into the output buffer
             for i in range(0, out_rows, step):
@@ -308,7 +301,7 @@ class OpRunner:
         if self.plan.options.new_rows == "zeros" or src_rows == 0:
             return torch.zeros((1,) + rest, dtype=torch.float32, device=self.device)
         total = torch.zeros(rest, dtype=torch.float64)
-        step = max(1, BLOCK_BYTES // max(1, _numel(rest) * 4))
+        step = max(1, BLOCK_BYTES // max(1, numel(rest) * 4))
         for i in range(0, src_rows, step):
             j = min(src_rows, i + step)
             staging = self.host_in.take("in", (j - i,) + rest, source.torch_dtype(key))
