@@ -132,18 +132,54 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
     return [f"{path.name}: unknown keys {', '.join(unknown)} (from a newer PEFT?); merged by the known ones"] if unknown else []
 
 
+MAX_SCALE_NUMBER = 1e6  # ranks and alphas of real adapters are at most a few thousand
+
+
+def _count(value, limit: float = MAX_SCALE_NUMBER) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= limit
+
+
+def _number(value) -> bool:
+    """A finite number of a sane size: a NaN alpha scales every delta by NaN, a huge one overflows."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= MAX_SCALE_NUMBER  # False for NaN and infinities; no float conversion of huge ints
+
+
+def _regex(pattern) -> bool:
+    import re
+
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return False
+    return True
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < 2**31 for i in value)
+
+
+def _indices(value) -> bool:
+    return value is None or _token_ids(value) or (isinstance(value, dict) and all(isinstance(k, str) and _token_ids(v) for k, v in value.items()))
+
+
 def _check_value_types(config: dict[str, Any], path: Path) -> None:
-    """The LoRA fields the arithmetic uses must have PEFT's types: a hand-edited "16" would divide."""
-    def number(value) -> bool:  # finite: a NaN alpha scales every delta by NaN, an infinite one overflows
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """The LoRA fields the arithmetic uses must have PEFT's types and sane sizes: a hand-edited "16"
+    would divide, a NaN or 1e300 alpha would scale every delta into garbage, a bad regex would
+    crash the matching."""
+    def patterns(check):
+        return lambda v: v is None or (isinstance(v, dict) and all(isinstance(k, str) and _regex(k) and check(x) for k, x in v.items()))
 
     expected = {
-        "r": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive integer"),
-        "lora_alpha": (number, "a finite number"),
-        "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(isinstance(x, int) and x > 0 for x in v.values())), "a mapping of module pattern to positive integer"),
-        "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(number(x) for x in v.values())), "a mapping of module pattern to finite number"),
-        "target_modules": (lambda v: v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names or a regex string"),
+        "r": (_count, f"a positive integer (at most {MAX_SCALE_NUMBER:g})"),
+        "lora_alpha": (_number, f"a finite number (at most {MAX_SCALE_NUMBER:g} in size)"),
+        "rank_pattern": (patterns(_count), "a mapping of module regex to positive integer"),
+        "alpha_pattern": (patterns(_number), "a mapping of module regex to finite number"),
+        "target_modules": (lambda v: v is None or (isinstance(v, str) and _regex(v)) or (isinstance(v, list) and all(isinstance(x, str) for x in v)),
+                           "a list of module names or a valid regex string"),
         "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(x, str) for x in v)), "a list of module names"),
+        "trainable_token_indices": (_indices, "a list of token ids, or a mapping of module name to token ids"),
     }
     for key, (ok, what) in expected.items():
         if key in config and not ok(config[key]):
@@ -162,7 +198,7 @@ def read_adapter_tensors(folder: Path) -> tuple[str, dict[str, TensorMeta]]:
     raise AdapterError(f"{folder}: no adapter weights (adapter_model.safetensors or adapter_model.bin); the adapter save did not finish")
 
 
-def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None) -> AdapterInfo:
+def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None, trainer_folder: Path | None = None) -> AdapterInfo:
     """Facts about the adapter in ``folder``; raises a MergerError for anything unusable."""
     folder = Path(folder)
     config = read_adapter_config(folder)
@@ -176,16 +212,22 @@ def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None) 
         (keys.append(parsed) if parsed else unknown.append(name))
     if unknown:
         raise UnsupportedError(f"{folder / weights_file}: tensors of an unknown layout: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; merger will not guess how to merge them")
-    return AdapterInfo(folder, config, weights_file, tensors, tuple(keys), _training_tokenizer(folder, base_folder), tuple(warnings))
+    # PEFT saves no scalars: matrices for LoRA and token values, vectors at least for the rest
+    least = {"lora_A": 2, "lora_B": 2, "lora_embedding_A": 2, "lora_embedding_B": 2, "trainable_tokens": 2}
+    wrong = next((k for k in keys if len(tensors[k.key].shape) < least.get(k.role, 1)), None)
+    if wrong is not None:
+        raise AdapterError(f"{folder / weights_file}: {short(wrong.key)} has shape {list(tensors[wrong.key].shape)}, but PEFT saves "
+                           f"its {wrong.role} with at least {least.get(wrong.role, 1)} dimensions; the file is corrupt: re-save the adapter")
+    return AdapterInfo(folder, config, weights_file, tensors, tuple(keys), _training_tokenizer(folder, base_folder, trainer_folder), tuple(warnings))
 
 
-def _training_tokenizer(folder: Path, base_folder: Path | None):
+def _training_tokenizer(folder: Path, base_folder: Path | None, trainer_folder: Path | None):
     """The tokenizer saved with the adapter: in its folder, or for a named adapter (DIR/sft/, see
-    sources.named_adapter_folder) in DIR, where the trainer saved it."""
+    sources.named_adapter_folder, which sets ``trainer_folder`` to DIR) in DIR, where the trainer
+    saved it. Never another parent folder: a tokenizer that merely sits above an adapter is not its."""
     facts = read_tokenizer_facts(folder, base_folder)
-    parent = folder.parent
-    if facts is None and not (parent / ADAPTER_CONFIG).is_file() and parent != folder:
-        facts = read_tokenizer_facts(parent, base_folder)
+    if facts is None and trainer_folder is not None:
+        facts = read_tokenizer_facts(trainer_folder, base_folder)
         if facts is not None:
-            log.info("%s: using the tokenizer saved beside it in %s", folder, parent)
+            log.info("%s: using the tokenizer saved beside it in %s", folder, trainer_folder)
     return facts

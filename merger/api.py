@@ -19,7 +19,7 @@ from .metadata import plan_output_files
 from .options import MergeOptions
 from .preflight import check_memory, output_bytes
 from .plan import MergePlan, plan_merge
-from .sources import check_tokenizer_source, resolve_base, resolve_folder
+from .sources import check_tokenizer_source, resolve_base, resolve_folder, trainer_folder
 from .validate import ValidationReport, validate_output
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def inspect_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, 
     opts = _options(options, overrides)
     check_tokenizer_source(opts.tokenizer)
     adapter_dir = resolve_folder(adapter, "adapter")
-    facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code)
+    facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code, trainer_folder(adapter, adapter_dir))
     plan = plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
     plan = dataclasses.replace(plan, outputs=plan_output_files(plan))
     if facts.non_finite:  # first: nothing else about a diverged adapter matters
@@ -127,7 +127,7 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
             # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
             # planning is mostly the single-threaded import of transformers
             with InputHasher({"adapter": adapter_dir, "base": base_dir}) as hasher:
-                result = _merge_planned(base_dir, adapter_dir, out, opts, hasher, started, quiet, recovered)
+                result = _merge_planned(base_dir, adapter, out, opts, hasher, started, quiet, recovered)
             if opts.push_to_hub:  # only a validated, committed OUT is pushed, still under OUT's lock
                 try:
                     result.hub = push_folder(result.out, opts)
@@ -166,9 +166,10 @@ def os_error_message(exc: OSError, out: Path) -> MergerError:
                           "check that the file is there and readable")
 
 
-def _merge_planned(base_dir: Path, adapter_dir: Path, out: Path, opts: MergeOptions, hasher,
+def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hasher,
                    started: float, quiet: bool, recovered: list[str]) -> MergeResult:
-    plan = inspect_adapter(base_dir, adapter_dir, opts)
+    plan = inspect_adapter(base_dir, adapter, opts)  # as given: a named adapter's trainer folder is found from it
+    adapter_dir = plan.adapter.folder
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
     engine, reason = choose_engine(plan)

@@ -73,6 +73,29 @@ class CheckpointInfo:
         return found
 
 
+# counts the meta model is built with, one module per unit: a crafted 10**9 would take hours
+_COUNT_LIMITS = {"num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "n_layers": 4096,
+                 "num_local_experts": 65536, "num_experts": 65536, "n_routed_experts": 65536}
+
+
+def check_config_fields(config: dict, path: Path) -> None:
+    """The config fields merger and transformers use have the types transformers writes, and the
+    counts a model is built from are ones a real model has."""
+    expected = {"architectures": (list, "a list of class names"), "auto_map": (dict, "a mapping"),
+                "model_type": (str, "a string")}
+    for key, (kind, what) in expected.items():
+        value = config.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value))):
+            raise CheckpointError(f"{path}: {key} is {short(value)} but transformers writes {what} there; fix or re-download it")
+    levels = [config] + [config[k] for k in TEXT_CONFIG_KEYS if isinstance(config.get(k), dict)]
+    for level in levels:
+        for key, limit in _COUNT_LIMITS.items():
+            value = level.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+                raise CheckpointError(f"{path}: {key} is {short(value)}, beyond any real model (at most {limit}); "
+                                      "the config is corrupt or crafted: re-download it")
+
+
 def _read_json(path: Path, what: str) -> Any:
     return read_json(path, what, CheckpointError)
 
@@ -121,11 +144,12 @@ def inspect_checkpoint_folder(folder: str | Path) -> CheckpointInfo:
     config = _read_json(config_path, "config")
     if not isinstance(config, dict) or not ("model_type" in config or "architectures" in config):
         raise CheckpointError(f"{config_path}: has neither model_type nor architectures; it is not a transformers config")
+    check_config_fields(config, config_path)
     fmt, files, index = _shard_files(folder)
     tensors: dict[str, TensorMeta] = {}
     for name in files:
         path = folder / name
-        metas = read_safetensors_header(path) if fmt == "safetensors" else read_torch_bin_metas(path)
+        metas = read_safetensors_header(path, name=name) if fmt == "safetensors" else read_torch_bin_metas(path, name=name)
         twice = sorted(set(metas) & set(tensors))
         if twice:
             raise CheckpointError(f"{folder}: tensor {short(twice[0])} is in both {tensors[twice[0]].file} and {name}; "

@@ -247,8 +247,19 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, f"unexpected {type(exc).__name__}: {first} (rerun with --debug for the traceback){untouched}", EXIT_BAD_INPUT)
 
 
+MAX_MESSAGE = 2000
+
+
+def one_line(message: str) -> str:
+    """The message as one bounded line: names from inputs (tensor keys, file names) may hold
+    newlines or control characters that would forge further lines, or run to megabytes."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message[: MAX_MESSAGE + 1])
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
 def _fail(args, message: str, code: int, report=None) -> int:
     """One line on stderr; with --json, the same as a JSON object on stdout."""
+    message = one_line(message)
     print(f"error: {message}", file=sys.stderr)
     if args.json:
         payload = {"ok": False, "exit_code": code, "error": message}
@@ -352,7 +363,7 @@ def _validate(args, options: MergeOptions) -> int:
     base = resolve_base(args.base, adapter) if adapter else (resolve_folder(args.base, "base") if args.base else None)
     repaired = api.repair_checkpoint(out, base) if args.repair else []
     if adapter is not None:
-        report = api.validate_checkpoint(out, base, adapter, options.validate, options)
+        report = api.validate_checkpoint(out, base, args.adapter, options.validate, options)
     else:
         from .serving import check_serving
 

@@ -23,8 +23,9 @@ class Facts:
     non_finite: tuple[str, ...] = ()  # adapter tensors holding NaN or Inf
 
 
-def gather_facts(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False) -> Facts:
-    adapter = inspect_adapter_folder(adapter_dir, base_dir)
+def gather_facts(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = False, trainer_dir: Path | None = None) -> Facts:
+    """``trainer_dir``: for a named adapter (DIR/sft/ given as DIR), DIR, where the trainer saved the tokenizer."""
+    adapter = inspect_adapter_folder(adapter_dir, base_dir, trainer_dir)
     base = inspect_checkpoint_folder(base_dir)
     layout = build_layout(base_dir, base.config, base.tensors, adapter.task_type, classifier_rows(adapter), trust_remote_code)
     return Facts(base, adapter, layout, embed_head_equal(adapter, layout), non_finite_tensors(adapter))

@@ -26,7 +26,10 @@ _echo.maxstring, _echo.maxother, _echo.maxlevel, _echo.maxlist, _echo.maxdict = 
 def short(value: Any, limit: int = 80) -> str:
     """A bounded repr for messages: a hostile value must not make an error message huge."""
     # strings through repr too: a newline in a crafted file name must not break the one-line message
-    text = repr(value[: limit + 1]) if isinstance(value, str) else _echo.repr(value)
+    try:
+        text = repr(value[: limit + 1]) if isinstance(value, str) else _echo.repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"<a {type(value).__name__} too large to show>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -35,9 +38,13 @@ def article(noun: str) -> str:
 
 
 def hf_cache_blobs(folder: Path) -> Path | None:
-    """huggingface_hub's cache: files in ``snapshots/<rev>/`` are links into ``../../blobs``."""
-    if folder.parent.name == "snapshots" and (folder.parent.parent / "blobs").is_dir():
-        return folder.parent.parent / "blobs"
+    """huggingface_hub's cache: files in ``models--owner--name/snapshots/<rev>/`` are links into
+    the repo's own ``blobs/``, a real folder beside ``snapshots`` (never a link elsewhere)."""
+    repo = Path(os.path.realpath(folder)).parent.parent
+    blobs = repo / "blobs"
+    if (Path(os.path.realpath(folder)).parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+            and blobs.is_dir() and not blobs.is_symlink() and Path(os.path.realpath(blobs)) == blobs):
+        return blobs
     return None
 
 
@@ -53,7 +60,11 @@ def confined(folder: Path, name: str, role: str, error=UnsafeInputError) -> Path
         raise error(f"{role} {folder}: names the file {short(str(name))}, which is not a plain path inside the folder; "
                     "the folder is corrupt or crafted: re-download it")
     path = folder / pure
-    real = Path(os.path.realpath(path))
+    try:
+        real = Path(os.path.realpath(path))
+    except (UnicodeError, ValueError, OSError):  # a lone surrogate or NUL from a crafted name
+        raise error(f"{role} {folder}: names the file {short(str(name))}, which is not a usable path; "
+                    "the folder is corrupt or crafted: re-download it") from None
     roots = [Path(os.path.realpath(folder))]
     blobs = hf_cache_blobs(folder)
     if blobs is not None:
@@ -62,6 +73,14 @@ def confined(folder: Path, name: str, role: str, error=UnsafeInputError) -> Path
         raise error(f"{role} {folder}: {short(str(name))} is a link to {short(str(real), 300)}, outside the folder; "
                     "merger reads only files inside its input folders: copy the file into the folder instead of linking it")
     return path
+
+
+def require_confined(folder: Path, role: str, error=UnsafeInputError) -> None:
+    """Every entry directly in ``folder`` stays inside it: for folders a library (transformers, PEFT)
+    reads on its own, choosing files merger does not see (a single-file checkpoint beside an index,
+    a generation config, a tokenizer's config.json)."""
+    for path in sorted(folder.iterdir()):
+        confined(folder, path.name, role, error)
 
 
 def input_files(folder: Path, role: str, error=UnsafeInputError, pattern: str = "*") -> list[Path]:
@@ -77,8 +96,13 @@ def input_files(folder: Path, role: str, error=UnsafeInputError, pattern: str = 
 
 def read_json(path: Path, what: str, error=MergerError, max_bytes: int = MAX_JSON_BYTES) -> Any:
     """One JSON input file, parsed with its size and nesting bounded; ``error`` names the fault."""
+    import stat
+
     try:
-        size = path.stat().st_size
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise error(f"{path}: is not a regular file, so not a {what} file; replace it")
+        size = info.st_size
         if size > max_bytes:
             raise error(f"{path}: {size} bytes, more than any {what} file needs (at most {max_bytes}); "
                         f"the file is corrupt or not a {what} file")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, UnsupportedError
+from .inputs import require_confined, short
 
 log = logging.getLogger(__name__)
 
@@ -103,13 +104,21 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
             f"{folder / 'config.json'}: its auto_map names {', '.join(missing_code)}, which the folder does not have; "
             "download the model's code files with its weights"
         )
+    if trust_remote_code:  # the code transformers will import must be the folder's own
+        require_confined(folder, "base model folder")
     try:
         # trust_remote_code is always explicit: left unset, transformers asks on stdin and hangs a pipeline
         hf_config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception:  # transformers raises ValueError/KeyError/OSError for unknown configs
+    except Exception as exc:  # transformers raises ValueError/KeyError/OSError/TypeError for configs it cannot read
+        from transformers import CONFIG_MAPPING
+
+        if config.get("model_type") in CONFIG_MAPPING:
+            raise CheckpointError(f"{folder / 'config.json'}: transformers cannot read it ({type(exc).__name__}: "
+                                  f"{short(str(exc).splitlines()[0] if str(exc) else '', 160)}); a field has a value "
+                                  "transformers does not write: fix or re-download it") from None
         raise CheckpointError(
-            f"{folder / 'config.json'}: transformers does not know model_type {config.get('model_type')!r} "
-            f"(architectures {config.get('architectures')}): upgrade transformers, or merge with the tools of "
+            f"{folder / 'config.json'}: transformers does not know model_type {short(config.get('model_type'))} "
+            f"(architectures {short(config.get('architectures'))}): upgrade transformers, or merge with the tools of "
             "the project that defines it"
         ) from None
     cls, overrides = choose_model_class(config, task_type, extra_head_rows, trust_remote_code)

@@ -120,5 +120,25 @@ def sentencepiece_files(plan, tokenizer: TokenizerFacts | None) -> tuple[str | N
         added = None  # the tokenizer's own is copied
     count = f", with added_tokens.json for the {len(added)} tokens past it" if added else ""
     return (str(model), added or None,
-            f"the tokenizer has no {SENTENCEPIECE_MODEL}: the base's ({pieces} pieces) is written beside it{count}, "
-            "so llama.cpp's converter and SentencePiece readers see the same ids as transformers")
+            f"the tokenizer has no {SENTENCEPIECE_MODEL}: the base's ({pieces} pieces) is written beside it{count} and "
+            "their special flags in tokenizer_config.json's added_tokens_decoder, so llama.cpp's converter and "
+            "SentencePiece readers see the same ids and special tokens as transformers")
+
+
+# the fields transformers writes for each added_tokens_decoder entry
+_DECODER_FIELDS = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
+
+
+def with_added_tokens_decoder(tokenizer_config: dict, tokenizer_json: dict, first_id: int) -> dict | None:
+    """tokenizer_config.json with an added_tokens_decoder entry for every added token from
+    ``first_id`` on that lacks one (transformers 5 no longer writes it; llama.cpp's converter reads
+    the special flag of tokens past a SentencePiece model only there), or None when none is missing."""
+    decoder = dict(tokenizer_config.get("added_tokens_decoder") or {})
+    missing = {}
+    for token in tokenizer_json.get("added_tokens") or []:
+        if isinstance(token, dict) and isinstance(token.get("id"), int) and token["id"] >= first_id and str(token["id"]) not in decoder:
+            missing[str(token["id"])] = {k: token[k] for k in _DECODER_FIELDS if k in token}
+    if not missing:
+        return None
+    decoder.update(missing)
+    return {**tokenizer_config, "added_tokens_decoder": dict(sorted(decoder.items(), key=lambda kv: int(kv[0])))}

@@ -98,15 +98,18 @@ class MergeOptions:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _check_type(f, getattr(self, f.name))
+            value = getattr(self, f.name)
+            if isinstance(value, str) and any(not c.isprintable() for c in value):
+                raise OptionsError(f"option {f.name}: {short(value)} holds control characters; write the value out plainly")
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value not in choices:
                 raise OptionsError(
                     f"option {f.name}: {short(value)} is not one of {', '.join(choices)}"
                 )
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+        if self.pad_to_multiple_of is not None and not 1 <= self.pad_to_multiple_of <= 65536:
             raise OptionsError(
-                f"option pad_to_multiple_of: {short(self.pad_to_multiple_of)} is not a positive integer"
+                f"option pad_to_multiple_of: {short(self.pad_to_multiple_of)} is not a positive integer up to 65536"
             )
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise OptionsError(
@@ -134,6 +137,9 @@ class MergeOptions:
     def merged_with(self, values: dict[str, Any], source: str) -> "MergeOptions":
         """These options with ``values`` on top, unknown keys refused by name."""
         known = {f.name for f in dataclasses.fields(self)}
+        odd = next((k for k in values if not isinstance(k, str)), None)
+        if odd is not None or any(k is None for k in values):
+            raise OptionsError(f"{source}: {short(odd)} is not an option name; options are names like dtype or engine")
         normalized = {k.replace("-", "_"): v for k, v in values.items()}
         unknown = sorted(set(normalized) - known)
         if unknown:
@@ -217,6 +223,10 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(text) or {}
     except UnicodeDecodeError:
         raise OptionsError(f"config file {path}: not UTF-8 text; an options file is plain YAML") from None
+    except OptionsError:
+        raise
+    except ValueError as exc:  # a number past Python's digit limit, raised while constructing it
+        raise OptionsError(f"config file {path}: holds a value merger cannot read ({short(str(exc))}); fix the file") from None
     except RecursionError:
         raise OptionsError(f"config file {path}: nests too deep for an options file; it maps option names to values") from None
     except yaml.YAMLError as exc:
@@ -258,4 +268,7 @@ def parse_size(text: str | int, option: str = "max_shard_size") -> int:
     number, unit, binary = match.groups()
     base = 1024 if binary else 1000
     power = " KMGT".index(unit.upper() or " ")
-    return int(float(number) * base**power)
+    size = float(number) * base**power
+    if not size < 2**63:  # also catches inf from a thousand-digit number
+        raise OptionsError(f"option {option}: {short(text)} is larger than any disk")
+    return int(size)

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from .inputs import copy_input_file, copy_input_tree, input_files
+from .metadata import with_added_tokens_decoder
 from .keys import ADAPTER_FILES, CHAT_TEMPLATE_DIR, CHAT_TEMPLATE_FILES, CONFIG, GENERATION_CONFIG, PROCESSOR_FILES, TOKENIZER_FILES
 from .plan import MergePlan
 
@@ -69,6 +70,13 @@ def write_sentencepiece_files(plan: MergePlan, out_dir: Path) -> None:
     copy_input_file(plan.base.folder, "tokenizer.model", out_dir, "base model folder")
     if decided.added_tokens and not (out_dir / "added_tokens.json").exists():
         (out_dir / "added_tokens.json").write_text(json.dumps(decided.added_tokens, indent=2, ensure_ascii=False) + "\n")
+    if decided.added_tokens and (out_dir / "tokenizer.json").is_file():
+        config_path = out_dir / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        updated = with_added_tokens_decoder(config, json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8")),
+                                            min(decided.added_tokens.values()))
+        if updated is not None:
+            config_path.write_text(json.dumps(updated, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def copy_tokenizer(plan: MergePlan, out_dir: Path) -> list[str]:

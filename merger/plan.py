@@ -357,6 +357,10 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         if target_rows is not None:  # a resized embedding or head
             a_cols, b_rows = (target_rows, b_rows) if kind == "embedding" else (a_cols, target_rows)
         a, b = adapter.tensors[a_key], adapter.tensors[b_key]
+        if len(a.shape) != 2 or len(b.shape) != 2:
+            problems.append(f"{module}: LoRA A {list(a.shape)} / B {list(b.shape)} are not matrices, as PEFT saves them for a "
+                            f"{kind} layer; the adapter file is corrupt or from another tool: re-save the adapter")
+            return None
         if a.shape[1] != a_cols or b.shape[0] != b_rows or a.shape[0] != b.shape[1]:
             problems.append(
                 f"{module}: {'lora_embedding_A' if kind == 'embedding' else 'lora_A'} {list(a.shape)} / B {list(b.shape)} "

@@ -15,10 +15,10 @@ import json
 import os
 from pathlib import Path
 
-from .inputs import confined
+from .inputs import confined, read_json
 from .keys import CONFIG, GENERATION_CONFIG, TOKENIZER_FILES
 from .lock import output_lock
-from .metadata import SENTENCEPIECE_MODEL, generation_config
+from .metadata import SENTENCEPIECE_MODEL, generation_config, with_added_tokens_decoder
 from .serving import DESIGN_EXTRA_ROWS, FolderFacts, head_equals_embed, read_folder
 from .tokenizer_facts import has_tokenizer, sentencepiece_size
 
@@ -58,7 +58,7 @@ def plan_repair(facts: FolderFacts, base: Path | None) -> tuple[dict[str, bytes]
     if config != facts.config:
         files[CONFIG] = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
 
-    tokenizer_files, tokenizer_lines = _tokenizer_from_base(facts, base)
+    tokenizer_files, tokenizer_lines = _tokenizer_files(facts, base)
     files.update(tokenizer_files)
     lines += tokenizer_lines
 
@@ -70,30 +70,44 @@ def plan_repair(facts: FolderFacts, base: Path | None) -> tuple[dict[str, bytes]
     return files, lines
 
 
-def _tokenizer_from_base(facts: FolderFacts, base: Path | None) -> tuple[dict[str, bytes], list[str]]:
-    if base is None:
-        return {}, []
+def _tokenizer_files(facts: FolderFacts, base: Path | None) -> tuple[dict[str, bytes], list[str]]:
+    """The base's tokenizer when the folder has none; for a SentencePiece vocabulary, the model file
+    (from the base), added_tokens.json and added_tokens_decoder entries llama.cpp's converter reads."""
     files: dict[str, bytes] = {}
-    if not has_tokenizer(facts.folder) and has_tokenizer(base):
+    if base is not None and not has_tokenizer(facts.folder) and has_tokenizer(base):
         for name in TOKENIZER_FILES:
             if (base / name).is_file():
                 files[name] = confined(base, name, "--base").read_bytes()
         return files, [f"{', '.join(sorted(files))}: copied from {base} (the folder had no tokenizer)"]
-    tokenizer = facts.tokenizer
-    if (tokenizer is None or not (base / SENTENCEPIECE_MODEL).is_file() or SENTENCEPIECE_MODEL in facts.files
-            or not facts.sentencepiece_derived):
+    tokenizer, lines = facts.tokenizer, []
+    if tokenizer is None:
         return {}, []
-    model = confined(base, SENTENCEPIECE_MODEL, "--base")
+    if SENTENCEPIECE_MODEL in facts.files:
+        model = confined(facts.folder, SENTENCEPIECE_MODEL, "checked folder")
+    elif base is not None and (base / SENTENCEPIECE_MODEL).is_file() and facts.sentencepiece_derived:
+        model = confined(base, SENTENCEPIECE_MODEL, "--base")
+    else:
+        return {}, []
     pieces = sentencepiece_size(model)
-    if pieces is None or tokenizer.vocab_pieces != pieces:
-        return {}, [f"{SENTENCEPIECE_MODEL}: not copied: the folder's vocabulary has {tokenizer.vocab_pieces} pieces, "
-                    f"{base}'s SentencePiece model {pieces}"]
-    files[SENTENCEPIECE_MODEL] = model.read_bytes()
-    lines = [f"{SENTENCEPIECE_MODEL}: copied from {base} ({pieces} pieces), so llama.cpp's converter reads the real vocabulary"]
+    if model.parent != facts.folder:
+        if pieces is None or tokenizer.vocab_pieces != pieces:
+            return {}, [f"{SENTENCEPIECE_MODEL}: not copied: the folder's vocabulary has {tokenizer.vocab_pieces} pieces, "
+                        f"{base}'s SentencePiece model {pieces}"]
+        files[SENTENCEPIECE_MODEL] = model.read_bytes()
+        lines.append(f"{SENTENCEPIECE_MODEL}: copied from {base} ({pieces} pieces), so llama.cpp's converter reads the real vocabulary")
+    if pieces is None:
+        return files, lines
     added = {content: i for i, content, _ in tokenizer.added_tokens if i >= pieces}
     if added and "added_tokens.json" not in facts.files:
         files["added_tokens.json"] = (json.dumps(added, indent=2, ensure_ascii=False) + "\n").encode()
         lines.append(f"added_tokens.json: written for the {len(added)} tokens past the SentencePiece model")
+    if added and "tokenizer.json" in facts.files:
+        tokenizer_json = read_json(confined(facts.folder, "tokenizer.json", "checked folder"), "tokenizer", max_bytes=512 << 20)
+        updated = with_added_tokens_decoder(facts.tokenizer_config, tokenizer_json if isinstance(tokenizer_json, dict) else {}, pieces)
+        if updated is not None:
+            files["tokenizer_config.json"] = (json.dumps(updated, indent=2, ensure_ascii=False) + "\n").encode()
+            lines.append("tokenizer_config.json: added_tokens_decoder entries for the added tokens, so llama.cpp's "
+                         "converter keeps their special flags")
     return files, lines
 
 

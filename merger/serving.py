@@ -17,7 +17,7 @@ from .keys import CONFIG, GENERATION_CONFIG
 from .metadata import SENTENCEPIECE_MODEL, stop_ids
 from .plan_rules import HARD_TIED_MODEL_TYPES
 from .tensors import TORCH_NAMES, read_safetensors_header
-from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts
+from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts, sentencepiece_size
 
 READERS = ("transformers", "vLLM", "SGLang", "TGI", "llama.cpp converter")
 ENGINES = ("vLLM", "SGLang", "TGI")
@@ -48,6 +48,7 @@ class FolderFacts:
     generation_config: dict | None
     sentencepiece_derived: bool  # tokenizer.json is a SentencePiece conversion (Unigram, or BPE with byte fallback)
     files: frozenset = field(default_factory=frozenset)
+    tokenizer_config: dict = field(default_factory=dict)
 
     @property
     def levels(self) -> list[tuple[str, dict]]:
@@ -90,10 +91,13 @@ def read_folder(folder: Path) -> FolderFacts:
         if (folder / "tokenizer.json").is_file() else None
     model = tokenizer_json.get("model") if isinstance(tokenizer_json, dict) else None
     sentencepiece = isinstance(model, dict) and (model.get("type") == "Unigram" or bool(model.get("byte_fallback")))
+    tokenizer_config = read_json(confined(folder, "tokenizer_config.json", "checked folder"), "tokenizer config") \
+        if (folder / "tokenizer_config.json").is_file() else {}
     return FolderFacts(folder, config if isinstance(config, dict) else {}, metas, _find(metas, EMBED_SUFFIXES),
                        _find(metas, HEAD_SUFFIXES), read_tokenizer_facts(folder),
                        generation if isinstance(generation, dict) else None, sentencepiece,
-                       frozenset(p.name for p in folder.iterdir()))
+                       frozenset(p.name for p in folder.iterdir()),
+                       tokenizer_config if isinstance(tokenizer_config, dict) else {})
 
 
 def head_equals_embed(facts: FolderFacts, sample: int = 64) -> bool | None:
@@ -168,6 +172,15 @@ def check_folder(facts: FolderFacts, base_has_sentencepiece: bool | None = None)
             where = "generation_config.json" if facts.generation_config is not None else "config.json (no generation_config.json)"
             problems.append(Problem(("transformers",) + ENGINES, f"{where} eos_token_id {stops} lacks {', '.join(missing)}, which "
                                     "the tokenizer stops on: generation runs past the end of a turn", repair))
+        if SENTENCEPIECE_MODEL in facts.files:
+            pieces = sentencepiece_size(confined(facts.folder, SENTENCEPIECE_MODEL, "checked folder"))
+            decoder = facts.tokenizer_config.get("added_tokens_decoder") or {}
+            untyped = [content for i, content, special in tokenizer.added_tokens
+                       if special and pieces is not None and i >= pieces and str(i) not in decoder]
+            if untyped:
+                problems.append(Problem(("llama.cpp converter",), f"special tokens past tokenizer.model ({', '.join(untyped[:4])}) have "
+                                        "no added_tokens_decoder entry in tokenizer_config.json: the converter types them as "
+                                        "plain text (USER_DEFINED), so they are not treated as special", repair))
         if facts.sentencepiece_derived and SENTENCEPIECE_MODEL not in facts.files:
             count = f" ({tokenizer.length} tokens for {rows} rows: llama.cpp refuses the file)" if rows and tokenizer.length and tokenizer.length != rows else ""
             fix = ("merge-adapter validate DIR --repair --base BASE writes the base's tokenizer.model" if base_has_sentencepiece is not False

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .keys import SAFE_INDEX, SAFE_SINGLE
-from .tensors import DTYPE_SIZES, SAFETENSORS_TAGS
+from .tensors import ALL_TAGS, DTYPE_SIZES
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ class ShardWriter:
         import torch
 
         spec = self.expected[self.position] if self.position < len(self.expected) else None
-        tag = SAFETENSORS_TAGS.get(str(block.dtype).removeprefix("torch."))
+        tag = ALL_TAGS.get(str(block.dtype).removeprefix("torch."))
         if spec is None or name != spec.name or tag != spec.dtype:
             raise RuntimeError(f"internal error: shard {self.path.name} expected {spec} next, got {name} {block.dtype}")
         data = block.detach().contiguous().reshape(-1).view(torch.uint8)

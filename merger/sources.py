@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from .errors import AdapterError, InputNotFoundError, OptionsError
+from .inputs import short
 from .keys import ADAPTER_CONFIG, full_precision_name
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,12 @@ def resolve_folder(source: str | os.PathLike, role: str, label: str | None = Non
     if not isinstance(source, (str, os.PathLike)):
         stacked = " (several adapters are not merged in one run yet: merge them one at a time)" if isinstance(source, (list, tuple)) else ""
         raise OptionsError(f"{role}: expected a folder path or Hub id, found {type(source).__name__}{stacked}")
-    path = Path(source).expanduser()
-    if path.exists():
+    try:
+        path = Path(source).expanduser()
+        exists = path.exists()
+    except (ValueError, OSError):  # a NUL byte, a name too long
+        raise InputNotFoundError(f"--{role} {short(str(source))}: not a usable path; pass a folder") from None
+    if exists:
         if not path.is_dir():
             raise InputNotFoundError(f"--{role} {path}: is a file, not a folder; pass the {_FOLDER_OF[role]}")
         return named_adapter_folder(path) if role == "adapter" else path
@@ -64,15 +69,38 @@ def named_adapter_folder(folder: Path) -> Path:
     return folder
 
 
+def trainer_folder(source: str | os.PathLike, adapter_dir: Path) -> Path | None:
+    """For a named adapter (PEFT wrote DIR/sft/), DIR: where the trainer saved the tokenizer.
+
+    Given as DIR, that is DIR. Given as DIR/sft, DIR only when it looks like that save: no adapter
+    of its own and no other model or adapter folder beside sft. A tokenizer that merely sits in
+    the folder above an adapter (a downloads folder, a project root beside the base) is not its.
+    """
+    given = Path(source).expanduser()
+    if given.is_dir() and given.resolve() != adapter_dir.resolve():
+        return given
+    parent = adapter_dir.parent
+    if parent == adapter_dir or (parent / ADAPTER_CONFIG).is_file():
+        return None
+    try:
+        siblings = [p for p in parent.iterdir() if p.is_dir() and p.resolve() != adapter_dir.resolve()]
+    except OSError:
+        return None
+    if any((p / ADAPTER_CONFIG).is_file() or (p / "config.json").is_file() for p in siblings):
+        return None
+    if any(parent.glob("*.safetensors")) or (parent / "config.json").is_file():
+        return None
+    return parent
+
+
 def resolve_base(base: str | os.PathLike | None, adapter_dir: Path) -> Path:
     """--base, or when it is omitted, the base_model_name_or_path the adapter was saved with."""
     if base is not None:
         return resolve_folder(base, "base")
-    import json
+    from .adapter import read_adapter_config
 
-    try:
-        recorded = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
+    recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not isinstance(recorded, str) or "\x00" in recorded:
         recorded = None
     if not recorded:
         raise InputNotFoundError(f"--base was not given and {adapter_dir / 'adapter_config.json'} names no base_model_name_or_path; pass --base")
@@ -95,8 +123,12 @@ def check_tokenizer_source(choice: str) -> None:
         return
     from .tokenizer_facts import has_tokenizer
 
-    path = Path(choice).expanduser()
-    if not path.is_dir():
+    try:
+        path = Path(choice).expanduser()
+        is_dir = path.is_dir()
+    except (ValueError, OSError):
+        is_dir = False
+    if not is_dir:
         raise InputNotFoundError(f"--tokenizer {choice}: no such folder; pass auto, adapter, base or a folder with tokenizer files")
     if not has_tokenizer(path):
         raise InputNotFoundError(f"--tokenizer {choice}: the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...); "

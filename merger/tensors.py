@@ -27,6 +27,10 @@ DTYPE_BITS = {
 DTYPE_SIZES = {tag: bits // 8 for tag, bits in DTYPE_BITS.items() if bits % 8 == 0}
 TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 SAFETENSORS_TAGS = {v: k for k, v in TORCH_NAMES.items()}
+# every torch dtype safetensors stores, by torch's name (integer and bool tensors are copied as they are)
+ALL_TAGS = {**SAFETENSORS_TAGS, "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
+            "bool": "BOOL", "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
+            "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0", "complex64": "C64"}
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own bound
 
 
@@ -70,7 +74,7 @@ class _Duplicate(ValueError):
         self.key = key
 
 
-def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, TensorMeta]:
+def read_safetensors_header(path: Path, error=CheckpointError, name: str | None = None) -> dict[str, TensorMeta]:
     """Parse and check the header of one safetensors file; raises ``error`` naming the first fault.
 
     The format: an 8-byte little-endian length, a JSON object of tensors (dtype, shape,
@@ -78,8 +82,11 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
     the data. A valid file's offsets start at 0, are contiguous and non-overlapping, each range
     holds exactly numel x dtype size bytes, and together they cover the rest of the file exactly.
     The safetensors library then parses the same header on its own; both must agree.
+    ``name`` is the file's path relative to its folder as the index gives it (default: its name).
     """
     fix = "re-download or re-save it"
+    file_name = name or path.name
+    _require_regular_file(path, error)
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as handle:
@@ -111,7 +118,7 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
         if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
             raise error(f"{where}: header entry lacks dtype, shape or data_offsets; {fix}")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPE_BITS:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise error(f"{where} has dtype {_short(dtype)}, which safetensors does not define; "
                         f"the file is corrupt or from an unknown writer: {fix}")
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
@@ -121,9 +128,10 @@ def read_safetensors_header(path: Path, error=CheckpointError) -> dict[str, Tens
             raise error(f"{where}: data_offsets {_short(offsets)} are not [begin, end] with 0 <= begin <= end; {fix}")
         bits = numel(shape) * DTYPE_BITS[dtype]
         if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
-            raise error(f"{where}: {dtype} {list(shape)} needs {bits / 8:g} bytes but its data_offsets span "
+            needs = f"{bits // 8}" if bits < 10**30 else "more"
+            raise error(f"{where}: {dtype} {_short(shape)} needs {needs} bytes but its data_offsets span "
                         f"{offsets[1] - offsets[0]}; {fix}")
-        entries.append((offsets[0], offsets[1], name, TensorMeta(name, tuple(shape), dtype, path.name, data_start + offsets[0])))
+        entries.append((offsets[0], offsets[1], name, TensorMeta(name, tuple(shape), dtype, file_name, data_start + offsets[0])))
     entries.sort(key=lambda e: (e[0], e[1]))
     expected_begin = 0
     for begin, end, name, _ in entries:
@@ -162,10 +170,24 @@ def _short(value, limit: int = 80) -> str:
     return short(value, limit)
 
 
-def read_torch_bin_metas(path: Path, error=CheckpointError) -> dict[str, TensorMeta]:
+def _require_regular_file(path: Path, error) -> None:
+    """A regular file, not a FIFO that would block a read forever, a folder, or a link to nothing."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(f"{path}: is a link to nothing (or vanished); re-download the file") from None
+    if not stat.S_ISREG(mode):
+        raise error(f"{path}: is not a regular file; replace it with the weights file it should be")
+
+
+def read_torch_bin_metas(path: Path, error=CheckpointError, name: str | None = None) -> dict[str, TensorMeta]:
     """Shapes of a legacy pickle checkpoint, loaded safely (weights_only) since pickle has no header."""
     import torch
 
+    file_name = name or path.name
+    _require_regular_file(path, error)
     try:
         state = torch.load(path, map_location="meta", weights_only=True)
     except Exception as exc:  # torch raises many types for a bad pickle
@@ -173,6 +195,6 @@ def read_torch_bin_metas(path: Path, error=CheckpointError) -> dict[str, TensorM
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise error(f"{path}: holds a {type(state).__name__}, not a mapping of tensor names to tensors; convert it to safetensors")
     return {
-        name: TensorMeta(name, tuple(t.shape), SAFETENSORS_TAGS.get(str(t.dtype).removeprefix("torch."), "F32"), path.name)
-        for name, t in state.items()
+        key: TensorMeta(key, tuple(t.shape), SAFETENSORS_TAGS.get(str(t.dtype).removeprefix("torch."), "F32"), file_name)
+        for key, t in state.items()
     }

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputFileError, MergerError
-from .inputs import MAX_TOKENIZER_JSON_BYTES, confined, read_json
+from .inputs import MAX_TOKENIZER_JSON_BYTES, confined, read_json, require_confined
 from .keys import CHAT_TEMPLATE_DIR, PROCESSOR_FILES, TOKENIZER_FILES
 
 
@@ -72,20 +72,32 @@ def _load_json(path: Path):
         return None
 
 
+# ids past len(tokenizer) a real tokenizer may have (reserved gaps); a crafted id far beyond would
+# make the vocabulary decision allocate per row
+MAX_ID_GAP = 65536
+
+
 def read_tokenizer_facts(folder: Path, vocabulary_from: Path | None = None) -> TokenizerFacts | None:
     """Length, largest id and added tokens of the tokenizer in ``folder``; None if it has none.
 
     A folder with only tokenizer_config.json / special_tokens_map.json (some trainers save just
     those) is read on top of ``vocabulary_from``'s vocabulary files, which is how it is used.
     """
-    folder = Path(folder)
+    facts = _read_facts(Path(folder), vocabulary_from)
+    if facts is not None and facts.max_id is not None and facts.max_id >= (facts.length or 0) + MAX_ID_GAP:
+        raise InputFileError(f"{folder}: its tokenizer gives a token the id {facts.max_id} but has only {facts.length or 'a few'} "
+                             "tokens; ids that sparse are not a real tokenizer's: re-save it with tokenizer.save_pretrained")
+    return facts
+
+
+def _read_facts(folder: Path, vocabulary_from: Path | None) -> TokenizerFacts | None:
     if not has_tokenizer(folder):
         return None
     files = tuple(tokenizer_files_in(folder))
     complete = has_vocabulary(folder)
     if not complete and vocabulary_from is not None and has_vocabulary(Path(vocabulary_from)):
-        under = read_tokenizer_facts(Path(vocabulary_from))
-        own = read_tokenizer_facts(folder)
+        under = _read_facts(Path(vocabulary_from), None)
+        own = _read_facts(folder, None)
         added = dict((i, (c, s)) for i, c, s in under.added_tokens)
         added.update((i, (c, s)) for i, c, s in own.added_tokens)
         ids_beyond = [i for i in added if under.max_id is None or i > under.max_id]
@@ -246,6 +258,7 @@ def _ids_from_files(folder: Path) -> tuple[dict[str, int], dict[int, tuple[str, 
 
 
 def _length_with_transformers(folder: Path) -> tuple[int | None, int]:
+    require_confined(folder, "tokenizer folder")  # transformers opens what it likes in the folder
     try:
         from transformers import AutoTokenizer
 

@@ -12,7 +12,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MergerError
+from .errors import InputFileError, MergerError
 from .inputs import confined, input_files, read_json
 from .keys import ADAPTER_FILES, CONFIG, SAFE_INDEX
 from .plan import MergePlan
@@ -193,6 +193,8 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
     index_path = out_dir / SAFE_INDEX
     if index_path.is_file():
         index = read_json(confined(out_dir, SAFE_INDEX, "merged folder"), "shard index")
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map", {}), dict) or not isinstance(index.get("metadata", {}), dict):
+            raise InputFileError(f"{out_dir / SAFE_INDEX}: not an index (a JSON object with a weight_map object and a metadata object)")
         weight_map = index.get("weight_map", {})
         on_disk = {k: m.file for k, m in reader.disk.items()}
         wrong = [k for k, f in weight_map.items() if on_disk.get(k) != f]
@@ -208,6 +210,8 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
         report.fail("adapter-files", f"{out_dir}: holds adapter files {leftovers}; loaders would treat it as an adapter")
 
     config = read_json(confined(out_dir, CONFIG, "merged folder"), "config") if (out_dir / CONFIG).is_file() else None
+    if config is not None and not isinstance(config, dict):
+        raise InputFileError(f"{out_dir / CONFIG}: a JSON {type(config).__name__}, not a config object")
     if config is None:
         report.fail("missing-config", f"{out_dir}: no config.json")
         return

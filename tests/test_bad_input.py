@@ -234,11 +234,17 @@ def test_config_that_is_not_text(copies, tmp_path, capsys, which, fragments):
 
 
 @pytest.mark.parametrize(("key", "value", "expected"), [
-    ("r", "8", "r is '8' but PEFT writes a positive integer there"),
-    ("r", 0, "r is 0 but PEFT writes a positive integer there"),
-    ("lora_alpha", "sixteen", "lora_alpha is 'sixteen' but PEFT writes a finite number there"),
-    ("rank_pattern", {"q_proj": "4"}, "rank_pattern is {'q_proj': '4'} but PEFT writes a mapping of module pattern to positive integer there"),
-    ("target_modules", 7, "target_modules is 7 but PEFT writes a list of module names or a regex string there"),
+    ("r", "8", "r is '8' but PEFT writes a positive integer (at most 1e+06) there"),
+    ("r", 0, "r is 0 but PEFT writes a positive integer (at most 1e+06) there"),
+    ("r", 10**30, "r is 1000000000000000000000000000000 but PEFT writes a positive integer (at most 1e+06) there"),
+    ("lora_alpha", "sixteen", "lora_alpha is 'sixteen' but PEFT writes a finite number (at most 1e+06 in size) there"),
+    ("lora_alpha", 1e300, "lora_alpha is 1e+300 but PEFT writes a finite number (at most 1e+06 in size) there"),
+    ("lora_alpha", 10**400, "lora_alpha is 100000000000000000...0000000000000000000 but PEFT writes a finite number"),
+    ("rank_pattern", {"q_proj": "4"}, "rank_pattern is {'q_proj': '4'} but PEFT writes a mapping of module regex to positive integer there"),
+    ("rank_pattern", {"q_proj(": 4}, "rank_pattern is {'q_proj(': 4} but PEFT writes a mapping of module regex to positive integer there"),
+    ("target_modules", 7, "target_modules is 7 but PEFT writes a list of module names or a valid regex string there"),
+    ("target_modules", "q_proj(", "target_modules is 'q_proj(' but PEFT writes a list of module names or a valid regex string there"),
+    ("trainable_token_indices", "abc", "trainable_token_indices is 'abc' but PEFT writes a list of token ids, or a mapping of module name to token ids there"),
 ])
 def test_config_values_of_the_wrong_type(copies, tmp_path, capsys, key, value, expected):
     base, adapter = copies
@@ -247,7 +253,8 @@ def test_config_values_of_the_wrong_type(copies, tmp_path, capsys, key, value, e
     (adapter / "adapter_config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "--base", base, "--adapter", adapter, "--out", out)
-    assert_one_line_error(code, err, f"adapter_config.json: {expected}; fix the value or re-save the adapter")
+    assert_one_line_error(code, err, f"adapter_config.json: {expected}")
+    assert err.strip().endswith("; fix the value or re-save the adapter")
     nothing_written(out)
 
 

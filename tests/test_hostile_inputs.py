@@ -408,7 +408,7 @@ def test_non_finite_lora_alpha_is_refused(copies, tmp_path, capsys, alpha):
     assert alpha in (adapter / "adapter_config.json").read_text()
     out = tmp_path / "out"
     code, _, err = merge(capsys, base, adapter, out)
-    assert_one_line_error(code, err, "lora_alpha is", "but PEFT writes a finite number there")
+    assert_one_line_error(code, err, "lora_alpha is", "but PEFT writes a finite number (at most 1e+06 in size) there")
     nothing_written(out)
 
 
@@ -703,3 +703,159 @@ def test_a_disk_filling_while_copying_an_input_names_the_output_file(demo_pair, 
     code, _, err = merge(capsys, demo_pair[0], demo_pair[1], out)
     assert_one_line_error(code, err, "the disk filled up while writing", str(tmp_path / ".out.tmp-"))
     nothing_written(out)
+
+
+# ------------------------------------------------------- found by an adversarial review, each fixed
+
+def test_a_shard_in_a_subfolder_is_read_from_there_not_from_a_namesake(copies, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    (base / "sub").mkdir()
+    shutil.move(base / "model.safetensors", base / "sub" / "weights.safetensors")
+    real = load_file(base / "sub" / "weights.safetensors")
+    (base / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {k: "sub/weights.safetensors" for k in real}}))
+    save_file({k: v * 0 + 7 for k, v in real.items()}, base / "weights.safetensors")  # a decoy the index never names
+    out = tmp_path / "out"
+    assert merge(capsys, base, adapter, out)[0] == 0
+    merged = load_file(out / "model.safetensors")
+    assert torch.equal(merged["model.norm.weight"], real["model.norm.weight"])
+
+
+def test_a_hub_cache_whose_blobs_folder_links_elsewhere_is_not_trusted(demo_pair, tmp_path, capsys):
+    repo = tmp_path / "models--owner--base"
+    snapshot = repo / "snapshots" / "abc"
+    snapshot.mkdir(parents=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (repo / "blobs").symlink_to(elsewhere)
+    for item in demo_pair[0].iterdir():
+        shutil.copyfile(item, elsewhere / item.name)
+        (snapshot / item.name).symlink_to(Path("../../blobs") / item.name)
+    code, _, err = merge(capsys, snapshot, demo_pair[1], tmp_path / "out")
+    assert_one_line_error(code, err, "is a link to", "outside the folder")
+
+
+def test_trusted_code_that_links_out_of_the_base_never_runs(copies, tmp_path, capsys):
+    base, adapter = copies
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(f"import pathlib; pathlib.Path({str(marker)!r}).write_text('ran')\n")
+    (base / "modeling_evil.py").symlink_to(tmp_path / "evil.py")
+    config = json.loads((base / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = run_cli(capsys, "inspect", "--base", base, "--adapter", adapter, "--trust-remote-code")
+    assert_one_line_error(code, err, "'modeling_evil.py' is a link to")
+    assert not marker.exists()
+
+
+def test_the_peft_engine_refuses_a_base_file_transformers_would_read_outside(copies, tmp_path, capsys):
+    base, adapter = copies
+    (tmp_path / "gen.json").write_text((base / "generation_config.json").read_text())
+    (base / "generation_config.json").unlink()
+    (base / "generation_config.json").symlink_to(tmp_path / "gen.json")
+    (adapter / "generation_config.json").write_text(json.dumps({"eos_token_id": 2}))  # so merger itself reads the adapter's
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out", "--engine", "peft")
+    assert_one_line_error(code, err, "'generation_config.json' is a link to")
+
+
+def test_sparse_tokenizer_ids_are_refused_without_allocating(copies, tmp_path, capsys):
+    base, adapter = copies
+    (adapter / "added_tokens.json").write_text(json.dumps({"<evil>": 10**12}))
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out")
+    assert_one_line_error(code, err, "its tokenizer gives a token the id 1000000000000 but has only")
+
+
+def test_an_absurd_layer_count_is_refused_before_building_the_model(copies, tmp_path, capsys):
+    base, adapter = copies
+    config = json.loads((base / "config.json").read_text())
+    config["num_hidden_layers"] = 10**9
+    (base / "config.json").write_text(json.dumps(config))
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out")
+    assert_one_line_error(code, err, "num_hidden_layers is 1000000000, beyond any real model")
+
+
+def test_a_tokenizer_above_an_adapter_is_not_its_tokenizer(copies, tmp_path, capsys):
+    base, adapter = copies
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (adapter / name).unlink()
+    (tmp_path / "tokenizer.json").write_text((base / "tokenizer.json").read_text().replace('"w3"', '"unrelated"'))
+    out = tmp_path / "out"
+    assert merge(capsys, base, adapter, out)[0] == 0
+    assert (out / "tokenizer.json").read_bytes() == (base / "tokenizer.json").read_bytes()
+
+
+def test_integer_tensors_in_the_base_are_copied_exactly(copies, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    tensors = load_file(base / "model.safetensors")
+    tensors["model.layers.0.position_ids"] = torch.arange(16, dtype=torch.int64)
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    code, _, err = merge(capsys, base, adapter, out, "--engine", "stream")
+    assert code == 0, err
+    assert torch.equal(load_file(out / "model.safetensors")["model.layers.0.position_ids"], torch.arange(16))
+
+
+def test_a_newline_in_a_name_from_an_input_cannot_forge_a_line(copies, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["evil\nerror: forged"] = torch.zeros(1)
+    tensors["x" * 100_000] = torch.zeros(1)
+    save_file(tensors, adapter / "adapter_model.safetensors")
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out")
+    assert_one_line_error(code, err, "evil\\nerror: forged")
+    assert len(err) < 2100
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("header dtype a list", "which safetensors does not define"),
+    ("lora_A a vector", "but PEFT saves its lora_A with at least 2 dimensions"),
+    ("auto_map a string", "auto_map is 'modeling_x.X' but transformers writes a mapping there"),
+    ("yaml key not a string", "is not an option name"),
+    ("yaml number too long", "holds a value merger cannot read"),
+])
+def test_more_bad_input_is_one_line_not_an_unexpected_error(copies, tmp_path, capsys, case, fragment):
+    from safetensors.torch import load_file, save_file
+
+    base, adapter = copies
+    extra = []
+    if case == "header dtype a list":
+        header, data = read_file(base / "model.safetensors")
+        header[first_two(header)[0]]["dtype"] = ["F32"]
+        write_file(base / "model.safetensors", header, data)
+    elif case == "lora_A a vector":
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        key = next(k for k in tensors if "lora_A" in k)
+        tensors[key] = tensors[key][0]
+        save_file(tensors, adapter / "adapter_model.safetensors")
+    elif case == "auto_map a string":
+        config = json.loads((base / "config.json").read_text())
+        config["auto_map"] = "modeling_x.X"
+        (base / "config.json").write_text(json.dumps(config))
+    else:
+        options = tmp_path / "opts.yaml"
+        options.write_text("1: x\n" if case == "yaml key not a string" else "pad_to_multiple_of: " + "9" * 5000 + "\n")
+        extra = ["--config", options]
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out", *extra)
+    assert_one_line_error(code, err, fragment)
+    assert "unexpected" not in err
+
+
+def test_validate_on_a_folder_whose_index_is_not_an_object_is_a_finding(merged_demo, capsys):
+    base, adapter, out = merged_demo
+    (out / "model.safetensors.index.json").write_text("[1, 2]")
+    code, text, _ = run_cli(capsys, "validate", out, "--base", base, "--adapter", adapter)
+    assert code == 1 and "unreadable-file" in text and "not an index" in text
+
+
+@pytest.fixture
+def merged_demo(demo_pair, tmp_path):
+    from merger import merge_adapter
+
+    out = tmp_path / "out"
+    merge_adapter(demo_pair[0], demo_pair[1], out, quiet=True)
+    return demo_pair[0], demo_pair[1], out

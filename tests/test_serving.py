@@ -170,6 +170,10 @@ def test_a_sentencepiece_base_gets_its_model_beside_a_tokenizer_json_only_tokeni
     result = merge_adapter(base, adapter, out, quiet=True)
     assert (out / "tokenizer.model").read_bytes() == model
     assert json.loads((out / "added_tokens.json").read_text()) == {"<|im_start|>": 64, "<|im_end|>": 65, "<tool>": 66}
+    # llama.cpp's converter reads the special flag of tokens past the SentencePiece model only here
+    decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {i: (decoder[i]["content"], decoder[i]["special"]) for i in ("64", "65", "66")} == {
+        "64": ("<|im_start|>", True), "65": ("<|im_end|>", True), "66": ("<tool>", True)}
     assert "the base's (64 pieces) is written beside it, with added_tokens.json for the 3 tokens past it" in result.plan.outputs.sentencepiece_reason
     from transformers import AutoTokenizer
 
@@ -177,6 +181,14 @@ def test_a_sentencepiece_base_gets_its_model_beside_a_tokenizer_json_only_tokeni
     text = "<|im_start|> w3 w4 <|im_end|> <tool>"
     assert len(after) == len(before) and after(text)["input_ids"] == before(text)["input_ids"]
     assert all(row["ok"] for row in result.validation.serving)
+
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]  # as transformers 5 writes it
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    llama = readiness(check_folder(read_folder(out)))[-1]
+    assert not llama["ok"] and "have no added_tokens_decoder entry" in llama["problems"][0]["message"]
+    assert any("added_tokens_decoder entries" in line for line in repair_checkpoint(out, base))
+    assert all(row["ok"] for row in readiness(check_folder(read_folder(out))))
 
     (out / "tokenizer.model").unlink()  # what a plain save leaves: the converter cannot read it right
     llama = readiness(check_folder(read_folder(out)))[-1]

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleError, UnsupportedError
+from ..inputs import require_confined
 from ..lora import grow_rows
 from ..options import parse_max_memory, parse_size
 from ..plan import MergePlan
@@ -89,6 +90,9 @@ def load_pretrained(cls, folder: Path, *, trust_remote_code: bool, **kwargs):
     """``cls.from_pretrained(folder)``, its failures as one line naming the folder (transformers
     raises RuntimeError with a multi-line report, or "look at the above report!" after a log
     line the CLI does not show)."""
+    # transformers picks the files itself (a single file over an index, a generation config):
+    # none of them may lead out of the folder
+    require_confined(Path(folder), "model folder")
     try:
         return cls.from_pretrained(str(folder), trust_remote_code=trust_remote_code, **kwargs)
     except (MemoryError, KeyboardInterrupt):
