@@ -146,8 +146,10 @@ def _check_token_count(gguf: GgufFacts, model: ModelFacts, name: str, rows: int)
     if count < rows and gguf_rows == rows:
         why = (f"the converter counted the tokenizer's {count} tokens, not the {rows} rows the embedding was padded to "
                f"(config.json's vocab_size); llama.cpp sizes token_embd.weight from the token list and refuses the file "
-               f"(token_embd.weight has wrong shape): pad the folder's tokenizer to {rows} tokens with {rows - count} placeholder "
-               f"additional_special_tokens (<|unused_0|>, ...), then convert again")
+               f"(token_embd.weight has wrong shape): for a SentencePiece model, `merge-adapter validate {model.folder} --repair "
+               f"--base BASE` writes the base's tokenizer.model beside it (the converter then pads to the rows itself); "
+               f"otherwise pad the folder's tokenizer to {rows} tokens with {rows - count} placeholder "
+               f"additional_special_tokens (<|unused_0|>, ...); then convert again")
     elif count > rows:
         why = f"ids {rows} and up have no embedding row: this GGUF was not converted from {model.folder}; convert it again"
     else:
