@@ -12,6 +12,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .checkpoint import TEXT_CONFIG_KEYS
 from .inputs import confined, input_files, read_json
 from .keys import CONFIG, GENERATION_CONFIG
 from .metadata import SENTENCEPIECE_MODEL, stop_ids
@@ -21,7 +22,6 @@ from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts, sentencepiece
 
 READERS = ("transformers", "vLLM", "SGLang", "TGI", "llama.cpp converter")
 ENGINES = ("vLLM", "SGLang", "TGI")
-TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight", "embed_in.weight")
 HEAD_SUFFIXES = ("lm_head.weight", "embed_out.weight")
 DESIGN_EXTRA_ROWS = {"mllama": 8}  # embeddings longer than vocab_size by design
