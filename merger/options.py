@@ -206,7 +206,7 @@ def option_fields() -> list[dataclasses.Field]:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML preset. Keys are option names; a nested ``merge:`` section is also accepted."""
+    """Read a YAML preset: a mapping of option names to values."""
     import yaml
 
     path = Path(path)
