@@ -92,5 +92,7 @@ def run_demo(out: str | None, options, quiet: bool = False, as_json: bool = Fals
         if as_json:
             print(json.dumps(result_dict(result), indent=2, default=str))
         else:
-            print(result.summary())
+            from .render import serving_text
+
+            print("\n".join([result.summary()] + serving_text(result.validation.serving)))
     return 0
