@@ -31,34 +31,38 @@ def gather_facts(base_dir: Path, adapter_dir: Path, trust_remote_code: bool = Fa
     return Facts(base, adapter, layout, embed_head_equal(adapter, layout), non_finite_tensors(adapter))
 
 
-CHECK_BLOCK_BYTES = 64 << 20
+CHECK_BLOCK_BYTES = 16 << 20  # as the stream engine's blocks
 
 
 def non_finite_tensors(adapter: AdapterInfo) -> tuple[str, ...]:
     """Adapter tensors with a NaN or Inf anywhere (a diverged run): merged, they poison the weights
-    whatever validation then runs. Read in row blocks through the safetensors library."""
+    whatever validation then runs. Read in row blocks with pread into one reused buffer: a mapped
+    file would count every page it touched as the process's memory."""
     import torch
 
     path = adapter.folder / adapter.weights_file
     floating = [k for k, m in adapter.tensors.items() if m.dtype in ("F64", "F32", "F16", "BF16")]
-    bad = []
     if path.suffix != ".safetensors":
         state = torch.load(path, map_location="cpu", weights_only=True)
         return tuple(k for k in floating if not torch.isfinite(state[k]).all())
-    from safetensors import safe_open
+    from .engines.stream import Scratch, TensorFiles
 
-    with safe_open(str(path), framework="pt") as handle:
+    reader, buffers, bad = TensorFiles(adapter.folder, adapter.tensors), Scratch("cpu"), []
+    try:
         for key in floating:
             meta = adapter.tensors[key]
-            if not meta.shape:
-                blocks = [handle.get_tensor(key)]
-            else:
-                row_bytes = max(1, meta.nbytes // max(1, meta.shape[0]))
-                step = max(1, CHECK_BLOCK_BYTES // row_bytes)
-                tensor_slice = handle.get_slice(key)
-                blocks = (tensor_slice[i:i + step] for i in range(0, meta.shape[0], step))
-            if not all(torch.isfinite(block).all() for block in blocks):
-                bad.append(key)
+            rows = meta.shape[0] if meta.shape else 1
+            row_shape = tuple(meta.shape[1:])
+            step = max(1, CHECK_BLOCK_BYTES // max(1, meta.nbytes // max(1, rows)))
+            for i in range(0, rows, step):
+                j = min(rows, i + step)
+                block = buffers.take("check", (j - i,) + row_shape, reader.torch_dtype(key))
+                reader.read_rows(key, i, j, block)
+                if not torch.isfinite(block).all():
+                    bad.append(key)
+                    break
+    finally:
+        reader.close()
     return tuple(bad)
 
 
