@@ -51,6 +51,7 @@ class ModelLayout:
     tied: bool  # the head shares the embedding's weight
     to_model_key: dict[str, str]  # checkpoint key -> model parameter name
     key_layout_problem: str | None = None  # set when keys need more than renaming (stream cannot)
+    parameters: frozenset = frozenset()  # model-namespace names of trainable parameters (not buffers)
     base_model_prefix: str = ""
     config_overrides: dict[str, Any] = field(default_factory=dict)
 
@@ -156,7 +157,8 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
     to_model, problem = _map_checkpoint_keys(model, list(checkpoint_keys), state)
     return ModelLayout(type(model).__name__, modules, param_shapes, embed_name, head_name, tied, to_model,
                        key_layout_problem=problem, base_model_prefix=getattr(model, "base_model_prefix", "") or "",
-                       config_overrides=overrides)
+                       config_overrides=overrides,
+                       parameters=frozenset(name for name, _ in model.named_parameters(remove_duplicate=False)))
 
 
 def _missing_code_files(folder: Path, auto_map: dict) -> list[str]:

@@ -41,12 +41,19 @@ def base_shape_problems(base: CheckpointInfo, layout: ModelLayout) -> list[str]:
         if model_key in vocab_params and tuple(meta.shape[1:]) == tuple(expected[1:]):
             continue
         wrong.append(f"{key} {list(meta.shape)} (config: {list(expected)})")
+    # a weight stored as integers is not a weight (a float tensor relabelled I32 is a valid file that
+    # would be copied bit for bit): buffers such as position_ids may be integers, parameters may not
+    integer = [f"{key} ({meta.dtype})" for (key, meta), model_key in zip(base.tensors.items(), model_keys, strict=True)
+               if model_key in layout.parameters and meta.dtype.startswith(("I", "U", "BOOL"))]
+    problems = [f"{base.folder}: {', '.join(integer[:2])}{' ...' if len(integer) > 2 else ''} stored as integers, but the model "
+                "holds floating-point weights there; the checkpoint is corrupt or quantized without a quantization_config: "
+                "re-download the base"] if integer else []
     if not wrong:
-        return []
+        return problems
     count = "1 base tensor does not have the shape" if len(wrong) == 1 else f"{len(wrong)} base tensors do not have the shapes"
-    return [f"{base.folder}: {count} its config.json describes "
-            f"({'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}); the weights belong to another model size: "
-            "put the matching config.json beside them or re-download the base"]
+    return problems + [f"{base.folder}: {count} its config.json describes "
+                       f"({'; '.join(wrong[:2])}{' ...' if len(wrong) > 2 else ''}); the weights belong to another model size: "
+                       "put the matching config.json beside them or re-download the base"]
 
 
 def prefer(first: str, second: str) -> tuple[str, str]:

@@ -859,3 +859,13 @@ def merged_demo(demo_pair, tmp_path):
     out = tmp_path / "out"
     merge_adapter(demo_pair[0], demo_pair[1], out, quiet=True)
     return demo_pair[0], demo_pair[1], out
+
+
+def test_a_weight_relabelled_as_integers_is_refused(copies, tmp_path, capsys):
+    """F32 bytes relabelled I32 make a valid file; merging would copy nonsense weights bit for bit."""
+    base, adapter = copies
+    header, data = read_file(base / "model.safetensors")
+    header["model.norm.weight"]["dtype"] = "I32"
+    write_file(base / "model.safetensors", header, data)
+    code, _, err = merge(capsys, base, adapter, tmp_path / "out")
+    assert_one_line_error(code, err, "model.norm.weight (I32) stored as integers")
