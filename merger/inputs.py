@@ -40,9 +40,10 @@ def article(noun: str) -> str:
 def hf_cache_blobs(folder: Path) -> Path | None:
     """huggingface_hub's cache: files in ``models--owner--name/snapshots/<rev>/`` are links into
     the repo's own ``blobs/``, a real folder beside ``snapshots`` (never a link elsewhere)."""
-    repo = Path(os.path.realpath(folder)).parent.parent
+    snapshots = Path(os.path.realpath(folder)).parent
+    repo = snapshots.parent
     blobs = repo / "blobs"
-    if (Path(os.path.realpath(folder)).parent.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
+    if (snapshots.name == "snapshots" and repo.name.startswith(("models--", "datasets--"))
             and blobs.is_dir() and not blobs.is_symlink() and Path(os.path.realpath(blobs)) == blobs):
         return blobs
     return None

@@ -110,12 +110,10 @@ def sentencepiece_files(plan, tokenizer: TokenizerFacts | None) -> tuple[str | N
         return None, None, ""
     model = confined(base, SENTENCEPIECE_MODEL, "base model folder")
     pieces = sentencepiece_size(model)
-    if pieces is None:
-        return None, None, f"the base's {SENTENCEPIECE_MODEL} is not a SentencePiece model file; not written"
-    if tokenizer.vocab_pieces != pieces:
-        return None, None, (f"not written: the tokenizer's own vocabulary has {tokenizer.vocab_pieces} pieces, the base's "
-                            f"SentencePiece model {pieces} (a replaced or extended vocabulary)")
-    added = {content: i for i, content, _ in tokenizer.added_tokens if i >= pieces}
+    misfit = sentencepiece_misfit(tokenizer, pieces)
+    if misfit:
+        return None, None, f"not written: {misfit}"
+    added = added_past(tokenizer, pieces)
     if (Path(tokenizer.folder) / "added_tokens.json").is_file():
         added = None  # the tokenizer's own is copied
     count = f", with added_tokens.json for the {len(added)} tokens past it" if added else ""
@@ -123,6 +121,21 @@ def sentencepiece_files(plan, tokenizer: TokenizerFacts | None) -> tuple[str | N
             f"the tokenizer has no {SENTENCEPIECE_MODEL}: the base's ({pieces} pieces) is written beside it{count} and "
             "their special flags in tokenizer_config.json's added_tokens_decoder, so llama.cpp's converter and "
             "SentencePiece readers see the same ids and special tokens as transformers")
+
+
+def sentencepiece_misfit(tokenizer: TokenizerFacts, pieces: int | None) -> str | None:
+    """Why the base's SentencePiece model file does not describe this tokenizer's vocabulary (None: it does)."""
+    if pieces is None:
+        return f"the base's {SENTENCEPIECE_MODEL} is not a SentencePiece model file"
+    if tokenizer.vocab_pieces != pieces:
+        return (f"the tokenizer's own vocabulary has {tokenizer.vocab_pieces} pieces, the base's SentencePiece model {pieces} "
+                "(a replaced or extended vocabulary)")
+    return None
+
+
+def added_past(tokenizer: TokenizerFacts, pieces: int) -> dict:
+    """added_tokens.json's content: the tokenizer's added tokens past the SentencePiece model's pieces."""
+    return {content: i for i, content, _ in tokenizer.added_tokens if i >= pieces}
 
 
 # the fields transformers writes for each added_tokens_decoder entry

@@ -33,7 +33,8 @@ def card_metadata(folder: Path) -> dict:
         return {}
     try:
         path = confined(folder, CARD_NAME, "card folder")
-        text = path.read_text(encoding="utf-8", errors="replace")[:65536]
+        with open(path, "rb") as handle:  # only the front matter's size is ever needed
+            text = handle.read(65536).decode("utf-8", errors="replace")
         match = re.match(r"^---\s*\n(.*?)\n---\s*\n", text, re.DOTALL)
         if not match or "&" in match.group(1) or "*" in match.group(1):
             return {}

@@ -18,7 +18,7 @@ from pathlib import Path
 from .inputs import confined, read_json
 from .keys import CONFIG, GENERATION_CONFIG, TOKENIZER_FILES
 from .lock import output_lock
-from .metadata import SENTENCEPIECE_MODEL, generation_config, with_added_tokens_decoder
+from .metadata import SENTENCEPIECE_MODEL, added_past, generation_config, sentencepiece_misfit, with_added_tokens_decoder
 from .serving import DESIGN_EXTRA_ROWS, FolderFacts, head_equals_embed, read_folder
 from .tokenizer_facts import has_tokenizer, sentencepiece_size
 
@@ -90,14 +90,14 @@ def _tokenizer_files(facts: FolderFacts, base: Path | None) -> tuple[dict[str, b
         return {}, []
     pieces = sentencepiece_size(model)
     if model.parent != facts.folder:
-        if pieces is None or tokenizer.vocab_pieces != pieces:
-            return {}, [f"{SENTENCEPIECE_MODEL}: not copied: the folder's vocabulary has {tokenizer.vocab_pieces} pieces, "
-                        f"{base}'s SentencePiece model {pieces}"]
+        misfit = sentencepiece_misfit(tokenizer, pieces)
+        if misfit:
+            return {}, [f"{SENTENCEPIECE_MODEL}: not copied from {base}: {misfit}"]
         files[SENTENCEPIECE_MODEL] = model.read_bytes()
         lines.append(f"{SENTENCEPIECE_MODEL}: copied from {base} ({pieces} pieces), so llama.cpp's converter reads the real vocabulary")
     if pieces is None:
         return files, lines
-    added = {content: i for i, content, _ in tokenizer.added_tokens if i >= pieces}
+    added = added_past(tokenizer, pieces)
     if added and "added_tokens.json" not in facts.files:
         files["added_tokens.json"] = (json.dumps(added, indent=2, ensure_ascii=False) + "\n").encode()
         lines.append(f"added_tokens.json: written for the {len(added)} tokens past the SentencePiece model")

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from merger.cli import main
+
+from .factories import perturb_trainable
 from merger.gguf import (BYTE, CONTROL, NORMAL, UNKNOWN, UNUSED, USER_DEFINED, GgufFacts, ModelFacts, check_gguf,
                          compare_facts, pick_embedding, read_gguf_facts, read_model_facts)
 from merger.llama_cpp import default_outfile, last_error_line
@@ -442,10 +444,7 @@ def build_llama_bpe_pair(folder: Path, pad_to_multiple_of: int | None) -> tuple[
     tokenizer.add_tokens(["<tool>"])
     model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=pad_to_multiple_of, mean_resizing=False)
     peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]))
-    with torch.no_grad():
-        for param in peft_model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
+    perturb_trainable(peft_model, seed=0)
     peft_model.save_pretrained(adapter)
     tokenizer.save_pretrained(adapter)
     return base, adapter

@@ -232,34 +232,51 @@ def test_fuzzed_headers_are_refused_or_read_exactly_as_the_library_reads_them(tm
             assert raw[meta.offset:meta.offset + meta.nbytes] == expected
 
 
+OUTSIDE = "OUTSIDE"  # stands for the absolute path of a real safetensors file outside the model folder
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.text(min_size=0, max_size=30) | st.sampled_from(["../x.safetensors", "/etc/passwd", "a/../../b", "..", ".", "sub\\..\\x"]))
+@given(st.text(min_size=0, max_size=30) | st.sampled_from(
+    ["../outside.safetensors", OUTSIDE, "link.safetensors", "sub/../../outside.safetensors", "/etc/passwd", "..", ".",
+     "sub\\..\\x", "inside.safetensors"]))
 def test_fuzzed_index_entries_never_leave_the_folder(tmp_path_factory, name):
+    """Whatever an index names, merger opens nothing outside the folder, though real files wait there."""
+    import builtins
+    import io
+
+    from safetensors.torch import save_file
+
     from merger.checkpoint import inspect_checkpoint_folder
     from merger.errors import MergerError
 
-    folder = tmp_path_factory.mktemp("fuzzidx") / "model"
+    root = tmp_path_factory.mktemp("fuzzidx")
+    folder = root / "model"
     folder.mkdir()
+    save_file({"w": torch.zeros(2)}, root / "outside.safetensors")
+    save_file({"w": torch.zeros(2)}, folder / "inside.safetensors")
+    (folder / "link.safetensors").symlink_to(root / "outside.safetensors")
     (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": name}}))
+    entry = str(root / "outside.safetensors") if name == OUTSIDE else name
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": entry}}))
     opened = []
-    real_open = open
+    real_open, real_io_open = builtins.open, io.open
 
-    def watching_open(file, *args, **kwargs):
-        opened.append(os.path.realpath(file))
-        return real_open(file, *args, **kwargs)
+    def watching(opener):
+        def watched(file, *args, **kwargs):
+            if isinstance(file, (str, os.PathLike)):
+                opened.append(os.path.realpath(file))
+            return opener(file, *args, **kwargs)
+        return watched
 
-    import builtins
-
-    builtins.open = watching_open
+    builtins.open, io.open = watching(real_open), watching(real_io_open)
     try:
         inspect_checkpoint_folder(folder)
     except MergerError:
         pass
     finally:
-        builtins.open = real_open
-    root = os.path.realpath(folder)
-    assert all(p == root or p.startswith(root + os.sep) for p in opened), opened
+        builtins.open, io.open = real_open, real_io_open
+    inside = os.path.realpath(folder)
+    assert all(p == inside or p.startswith(inside + os.sep) for p in opened), opened
 
 
 # ------------------------------------------------------------------------------- confinement

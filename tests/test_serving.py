@@ -15,6 +15,8 @@ from merger.metadata import generation_config
 from merger.serving import check_folder, read_folder, readiness
 from merger.tokenizer_facts import sentencepiece_size
 
+from .factories import perturb_trainable
+
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-data"
 
 
@@ -128,10 +130,7 @@ def test_a_trained_gemma_head_is_said_to_be_ignored_by_vllm_sglang_and_llama_cpp
                                  num_key_value_heads=1, head_dim=16)).save_pretrained(base)
     build_tokenizer().save_pretrained(base)
     model = get_peft_model(GemmaForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.add_(torch.randn_like(param) * 0.05)
+    perturb_trainable(model, seed=0)
     model.save_pretrained(adapter)
     result = merge_adapter(base, adapter, tmp_path / "out", quiet=True)
     assert any("vLLM and SGLang always serve gemma with the head tied" in note for note in result.plan.notes)
@@ -148,7 +147,7 @@ def test_sentencepiece_size_counts_pieces():
     assert sentencepiece_size_of(b"not a model at all \xff\xff") is None
 
 
-def sentencepiece_size_of(data: bytes, tmp=Path("/tmp")) -> int | None:
+def sentencepiece_size_of(data: bytes) -> int | None:
     import tempfile
 
     with tempfile.NamedTemporaryFile(suffix=".model") as handle:
@@ -310,3 +309,15 @@ def test_a_local_base_gets_no_base_model_key(merged):
     _, _, out = merged
     meta = yaml.safe_load((out / "README.md").read_text().split("---")[1])
     assert "base_model" not in meta  # a local path is not a Hub id: the Hub would reject the card's metadata
+
+
+def test_repair_does_not_bring_a_sentencepiece_model_of_another_vocabulary(merged, tmp_path):
+    base, _, out = merged
+    other = tmp_path / "other-base"
+    shutil.copytree(base, other)
+    (other / "tokenizer.model").write_bytes(sentencepiece_model([f"p{i}" for i in range(40)]))
+    edit_json(out / "tokenizer.json", lambda t: t["model"].update(byte_fallback=True))
+    lines = repair_checkpoint(out, other)
+    assert any(line.startswith("tokenizer.model: not copied from") and "has 64 pieces, the base's SentencePiece model 40" in line
+               for line in lines)
+    assert not (out / "tokenizer.model").exists()
