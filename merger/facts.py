@@ -10,7 +10,7 @@ from .adapter import AdapterInfo, inspect_adapter_folder
 from .checkpoint import CheckpointInfo, inspect_checkpoint_folder
 from .keys import module_leaf
 from .layout import ModelLayout, build_layout
-from .plan import CLASSIFIER_HEADS, resolve_module
+from .plan_groups import CLASSIFIER_HEADS, resolve_module
 
 
 

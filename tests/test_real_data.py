@@ -191,6 +191,7 @@ def test_real_configs_transformers_cannot_build_get_one_line(config, message, tm
     from safetensors.torch import save_file
 
     save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, base / "model.safetensors")
+    capsys.readouterr()  # building the demo pair may draw transformers' save progress bar
     assert main(["--base", str(base), "--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
