@@ -64,19 +64,79 @@ def _options(options: MergeOptions | None, overrides: dict) -> MergeOptions:
     return base.merged_with(overrides, "merge_adapter()") if overrides else base
 
 
-def inspect_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, options: MergeOptions | None = None, **overrides) -> MergePlan:
-    """Read both folders and decide the whole merge, writing nothing. Returns the MergePlan."""
+def inspect_adapter(base: str | os.PathLike | None, adapter, options: MergeOptions | None = None, **overrides) -> MergePlan:
+    """Read the folders and decide the whole merge, writing nothing. Returns the MergePlan.
+
+    ``adapter`` is one adapter folder, or a list of them: stages trained one on the merge of the
+    last (PT, SFT, DPO), merged in order; the plan returned is the last stage's, chained to the rest.
+    """
     opts = _options(options, overrides)
     check_tokenizer_source(opts.tokenizer)
-    adapter_dir = resolve_folder(adapter, "adapter")
-    facts = gather_facts(resolve_base(base, adapter_dir), adapter_dir, opts.trust_remote_code, trainer_folder(adapter, adapter_dir))
-    plan = plan_merge(facts.base, facts.adapter, facts.layout, opts, facts.embed_head_equal)
-    plan = dataclasses.replace(plan, outputs=plan_output_files(plan))
-    if facts.non_finite:  # first: nothing else about a diverged adapter matters
-        names = ", ".join(facts.non_finite[:3]) + (f" and {len(facts.non_finite) - 3} more" if len(facts.non_finite) > 3 else "")
-        problem = (f"{adapter_dir / facts.adapter.weights_file}: {names} hold NaN or Inf values (training diverged or the save "
+    sources = adapter_sources(adapter)
+    adapter_dirs = stage_folders(sources)
+    base_dir = resolve_base(base, adapter_dirs[0])
+    plan = None
+    for number, (source, adapter_dir) in enumerate(zip(sources, adapter_dirs, strict=True), 1):
+        plan = _plan_stage(plan, base_dir, source, adapter_dir, opts, number, len(sources))
+    if opts.tokenizer == "adapter" and len(sources) > 1 and not any(stage.adapter.tokenizer for stage in plan.stages):
+        from .errors import IncompatibleError as _Incompatible
+
+        raise _Incompatible(f"--tokenizer adapter was asked for but none of the {len(sources)} adapter folders has tokenizer files")
+    return dataclasses.replace(plan, outputs=plan_output_files(plan))
+
+
+def adapter_sources(adapter) -> list:
+    """The adapter argument as a list of stages: one folder, or several in training order."""
+    if isinstance(adapter, (list, tuple)):
+        if not adapter:
+            raise OptionsError("adapter: an empty list; pass one adapter folder, or the stages of a pipeline in training order")
+        return list(adapter)
+    return [adapter]
+
+
+def stage_folders(sources: list) -> list[Path]:
+    """The adapter folders, each at most once: a stage given twice would apply its update twice."""
+    folders = [resolve_folder(source, "adapter") for source in sources]
+    seen: dict[Path, int] = {}
+    for number, folder in enumerate(folders, 1):
+        earlier = seen.setdefault(folder.resolve(), number)
+        if earlier != number:
+            raise OptionsError(f"--adapter {folder}: given twice (stages {earlier} and {number}); each stage of a pipeline "
+                               "is merged once, in training order: pass each adapter folder once")
+    return folders
+
+
+def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir: Path, opts: MergeOptions,
+                number: int, count: int) -> MergePlan:
+    """One stage's plan: on the base for the first, on the previous stage's output for the rest."""
+    from .adapter import inspect_adapter_folder
+    from .facts import embed_head_equal, non_finite_tensors
+    from .stack import chain_stage, next_layout, stage_label, stage_output
+
+    stage_opts = opts
+    if count > 1 and opts.tokenizer == "adapter":
+        stage_opts = opts.replace(tokenizer="auto")  # the last stage's that has one: checked over the whole stack
+    if previous is None:
+        facts = gather_facts(base_dir, adapter_dir, opts.trust_remote_code, trainer_folder(source, adapter_dir))
+        adapter_facts, non_finite = facts.adapter, facts.non_finite
+        plan = plan_merge(facts.base, facts.adapter, facts.layout, stage_opts, facts.embed_head_equal)
+    else:
+        adapter_facts = inspect_adapter_folder(adapter_dir, base_dir, trainer_folder(source, adapter_dir))
+        non_finite = non_finite_tensors(adapter_facts)
+        layout = next_layout(previous)
+        plan = plan_merge(stage_output(previous), adapter_facts, layout, stage_opts, embed_head_equal(adapter_facts, layout))
+    if non_finite:  # first: nothing else about a diverged adapter matters
+        names = ", ".join(non_finite[:3]) + (f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else "")
+        problem = (f"{adapter_dir / adapter_facts.weights_file}: {names} hold NaN or Inf values (training diverged or the save "
                    "is corrupt); merging would write them into the model: use an earlier checkpoint of the adapter")
         plan = dataclasses.replace(plan, problems=(problem,) + plan.problems)
+    if count > 1:
+        label = stage_label(plan, number)
+        plan = dataclasses.replace(plan, problems=tuple(f"{label}: {p}" for p in plan.problems),
+                                   notes=tuple(f"{label}: {n}" for n in plan.notes))
+    if previous is not None:
+        plan = chain_stage(previous, plan, number)
+        plan = dataclasses.replace(plan, problems=previous.problems + plan.problems, notes=previous.notes + plan.notes)
     return plan
 
 
@@ -114,9 +174,9 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
     if not str(out).strip():
         raise OptionsError("--out is empty; pass the folder to write the merged model to")
     out = Path(out).expanduser()
-    adapter_dir = resolve_folder(adapter, "adapter")
-    base_dir = resolve_base(base, adapter_dir)
-    check_no_overlap(out, input_folders(base_dir, adapter_dir, opts))
+    adapter_dirs = stage_folders(adapter_sources(adapter))
+    base_dir = resolve_base(base, adapter_dirs[0])
+    check_no_overlap(out, input_folders(base_dir, adapter_dirs, opts))
     make_parent(out)
     from .report import InputHasher
 
@@ -126,7 +186,7 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
             check_output_target(out, opts.overwrite)
             # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
             # planning is mostly the single-threaded import of transformers
-            with InputHasher({"adapter": adapter_dir, "base": base_dir}) as hasher:
+            with InputHasher({**adapter_roles(adapter_dirs), "base": base_dir}) as hasher:
                 result = _merge_planned(base_dir, adapter, out, opts, hasher, started, quiet, recovered)
             if opts.push_to_hub:  # only a validated, committed OUT is pushed, still under OUT's lock
                 try:
@@ -141,9 +201,18 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
         raise os_error_message(exc, out) from exc
 
 
-def input_folders(base_dir: Path, adapter_dir: Path, opts: MergeOptions) -> dict[str, Path]:
+def adapter_roles(adapter_dirs: list[Path]) -> dict[str, Path]:
+    """The adapter folders by the name the report gives them: 'adapter', or 'stage N adapter' in a stack."""
+    if len(adapter_dirs) == 1:
+        return {"adapter": adapter_dirs[0]}
+    return {f"stage {i} adapter": folder for i, folder in enumerate(adapter_dirs, 1)}
+
+
+def input_folders(base_dir: Path, adapter_dirs: list[Path], opts: MergeOptions) -> dict[str, Path]:
     """Every input folder by its flag: OUT may overlap none of them."""
-    folders = {"--base": base_dir, "--adapter": adapter_dir}
+    folders = {"--base": base_dir}
+    for i, folder in enumerate(adapter_dirs, 1):
+        folders["--adapter" if len(adapter_dirs) == 1 else f"--adapter (stage {i})"] = folder
     if opts.tokenizer not in ("auto", "adapter", "base"):
         folders["--tokenizer"] = Path(opts.tokenizer).expanduser()
     return folders
@@ -169,7 +238,7 @@ def os_error_message(exc: OSError, out: Path) -> MergerError:
 def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hasher,
                    started: float, quiet: bool, recovered: list[str]) -> MergeResult:
     plan = inspect_adapter(base_dir, adapter, opts)  # as given: a named adapter's trainer folder is found from it
-    adapter_dir = plan.adapter.folder
+    stages = plan.stages
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
     engine, reason = choose_engine(plan)
@@ -204,7 +273,8 @@ def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hashe
         report.serving = check_serving(tmp, plan.base.folder)
         fields = {
             "merger_report": 1,
-            "inputs": {"base": str(base_dir), "adapter": str(adapter_dir),
+            "inputs": {"base": str(base_dir), "adapter": str(plan.adapter.folder),
+                       **({"stages": [str(stage.adapter.folder) for stage in stages]} if len(stages) > 1 else {}),
                        "sha256": hasher.results()},
             "versions": versions(),
             "engine": {"name": engine, "reason": reason},

@@ -9,6 +9,7 @@ import sys
 from contextlib import contextmanager
 
 from .errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_VALIDATION_FAILED, MergerError, OptionsError
+from .inputs import short
 from .options import MergeOptions, load_config_file, option_fields
 
 EXAMPLES = """examples:
@@ -76,15 +77,18 @@ def build_parser(command: str) -> argparse.ArgumentParser:
                                  "with --base, tokenizer files) in place, atomically, printing each change; never the weights")
     if command in ("merge", "inspect", "validate"):
         parser.add_argument("--base", metavar="BASE", help="base model folder or Hub id (default: the base_model_name_or_path recorded in the adapter)")
-        parser.add_argument("--adapter", required=command != "validate", metavar="ADAPTER", action=_Once,
-                            help="PEFT adapter folder or Hub id" + (" (without it, validate checks only what serving engines "
-                                                                   "read, not the weights)" if command == "validate" else ""))
+        parser.add_argument("--adapter", metavar="ADAPTER", action="append",
+                            help="PEFT adapter folder or Hub id; repeat it for a pipeline's stages in training order "
+                                 "(--adapter PT --adapter SFT --adapter DPO: each trained on the merge of those before it), "
+                                 "merged in one pass" + (" (without it, validate checks only what serving engines "
+                                                         "read, not the weights)" if command == "validate" else ""))
     if command == "merge":
         parser.add_argument("--out", required=True, metavar="OUT", help="output folder (written atomically)")
     if command == "demo":
         parser.add_argument("--out", metavar="OUT", help="keep the demo's merged model here (default: a temporary folder)")
     if command == "gguf":
         _add_gguf_arguments(parser)
+    parser.set_defaults(command=command)
     _add_common(parser, config=command != "gguf")
     if command != "gguf":
         _add_option_flags(parser, command)
@@ -109,9 +113,42 @@ def resolve_options(args: argparse.Namespace) -> MergeOptions:
     values = {}
     if args.config:
         values.update(load_config_file(args.config))
+        _inputs_from_config(args, values)
+    if hasattr(args, "adapter"):
+        _adapter_argument(args)
     names = {f.name for f in option_fields()}
     values.update({k: v for k, v in vars(args).items() if k in names})
     return MergeOptions.from_mapping(values, f"config file {args.config}" if args.config else "options")
+
+
+CONFIG_INPUTS = ("base", "adapter")  # inputs a config file may name (flags win); not merge options
+
+
+def _inputs_from_config(args: argparse.Namespace, values: dict) -> None:
+    """``base:`` and ``adapter:`` (one folder, or a list of stages) from a config file, where no flag gives them."""
+    for name in CONFIG_INPUTS:
+        if name not in values:
+            continue
+        value = values.pop(name)
+        if not hasattr(args, name):
+            raise OptionsError(f"config file {args.config}: {name} is an input of merge, inspect and validate, not of this command")
+        stages = value if isinstance(value, list) else [value]
+        if not stages or not all(isinstance(v, str) and v.strip() for v in stages) or (name == "base" and isinstance(value, list)):
+            want = "a folder or Hub id" + (", or a list of them (the stages, in training order)" if name == "adapter" else "")
+            raise OptionsError(f"config file {args.config}: {name} is {short(value)} but must be {want}")
+        if getattr(args, name) is None:
+            setattr(args, name, stages if name == "adapter" else value)
+
+
+def _adapter_argument(args: argparse.Namespace) -> None:
+    """--adapter as the API takes it: one folder, or the list of stages when repeated."""
+    stages = args.adapter
+    if stages is None:
+        if args.command != "validate":
+            raise OptionsError(f"merge-adapter{'' if args.command == 'merge' else ' ' + args.command}: --adapter is required "
+                               "(the PEFT adapter folder; repeat it for stacked stages)")
+        return
+    args.adapter = stages[0] if len(stages) == 1 else list(stages)
 
 
 def _configure_logging(args) -> None:
@@ -139,17 +176,6 @@ class _Parser(argparse.ArgumentParser):
         if self.stray and self.stray in message:
             hint = f" ({self.stray!r} is not a command: {', '.join(COMMANDS)}; without one, merge-adapter merges)"
         self.exit(EXIT_BAD_INPUT, f"error: {self.prog}: {message}{hint}; see {self.prog} --help\n")
-
-
-class _Once(argparse.Action):
-    """A flag that may be given once: argparse would silently keep only the last of several
-    --adapter flags, and a stacked pipeline's first stages would vanish from the merge."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        if getattr(namespace, self.dest, None) is not None:
-            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)} and {values}); stacked adapters "
-                         "are not merged in one run yet: merge the first into a checkpoint, then use that as --base for the next")
-        setattr(namespace, self.dest, values)
 
 
 class Interrupted(BaseException):
@@ -359,7 +385,8 @@ def _validate(args, options: MergeOptions) -> int:
     from .validate import ValidationReport
 
     out = resolve_folder(args.out, "out")
-    adapter = resolve_folder(args.adapter, "adapter") if args.adapter else None
+    first = args.adapter[0] if isinstance(args.adapter, list) else args.adapter
+    adapter = resolve_folder(first, "adapter") if first else None
     base = resolve_base(args.base, adapter) if adapter else (resolve_folder(args.base, "base") if args.base else None)
     repaired = api.repair_checkpoint(out, base) if args.repair else []
     if adapter is not None:

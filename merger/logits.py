@@ -30,14 +30,19 @@ def probe_ids(plan, count: int = 24) -> list[int]:
     rows = plan.embed.rows if plan.embed else plan.base.text_config.get("vocab_size", 100)
     config = plan.base.config
     banned = {config.get(k) for k in _MEDIA_TOKEN_KEYS} | {plan.base.text_config.get(k) for k in _MEDIA_TOKEN_KEYS}
-    added = []
-    if plan.adapter.tokenizer:
-        added = [i for i, _, _ in plan.adapter.tokenizer.added_tokens if i < rows and i not in banned]
+    stages = plan.stages
+    share = 16 // len(stages) or 1  # a stack is proven on every stage's added tokens
     trained_rows = plan.embed.rows - plan.embed_design_pad if plan.embed else rows  # appended design rows hold no token
-    new = [i for d in (plan.embed,) if d for i in d.grown_rows if i not in banned and i < trained_rows]
+    added, new = [], []
+    for stage in stages:
+        if stage.adapter.tokenizer:
+            added += [i for i, _, _ in stage.adapter.tokenizer.added_tokens if i < rows and i not in banned][-share:]
+        if stage.embed:
+            new += [i for i in stage.embed.grown_rows if i not in banned and i < trained_rows][:share]
     rng = random.Random(0)
-    ordinary = [rng.randrange(0, min(rows, plan.embed.base_rows if plan.embed else rows)) for _ in range(count)]
-    ids = list(dict.fromkeys(added[-16:] + new[:16]))
+    first_rows = plan.first.embed.base_rows if plan.first.embed else rows
+    ordinary = [rng.randrange(0, min(rows, first_rows)) for _ in range(count)]
+    ids = list(dict.fromkeys(added + new))
     ids += [i for i in ordinary if i not in banned][: max(8, count - len(ids))]
     return ids
 
@@ -45,20 +50,20 @@ def probe_ids(plan, count: int = 24) -> list[int]:
 def check_logits(out_dir: Path, plan, report) -> None:
     import torch
 
-    from .engines.peft import attach_adapter, load_base, load_pretrained, model_class, resize_like_plan
+    from .engines.peft import load_pretrained, model_class, reference_model
     from .errors import CheckpointError
     from .validate import FP32_REL_TOL, LOW_PRECISION_REL_TOL, exceeds
 
-    need = plan.base.total_bytes * 2 * (4 // max(1, _bytes_per(plan.base.dtype)))
+    need = plan.first.base.total_bytes * 2 * (4 // max(1, _bytes_per(plan.first.base.dtype)))
     if need > 0.8 * available_memory():
         report.checks.append(f"logits comparison skipped: base + merged model need about {need / 1e9:.1f} GB, {available_memory() / 1e9:.1f} GB available")
         report.metrics["logits_checked"] = False
         return
     ids = torch.tensor([probe_ids(plan)])
     with torch.no_grad():
-        reference_model = attach_adapter(_resized_base(plan, load_base, resize_like_plan), plan)
-        reference = reference_model(input_ids=ids).logits.float()
-        del reference_model
+        model = reference_model(plan)
+        reference = model(input_ids=ids).logits.float()
+        del model
         cls = model_class(plan)
         try:
             merged = load_pretrained(cls, out_dir, dtype=getattr(torch, plan.dtype),
@@ -78,16 +83,6 @@ def check_logits(out_dir: Path, plan, report) -> None:
     if exceeds(err, tol):
         report.fail("logits-differ", f"merged logits differ from base + unmerged adapter by {err:.2e} of their range (tolerance {tol:.0e}) on ids {ids[0, :8].tolist()}...")
     report.checks.append(f"logits equal base + unmerged adapter on {ids.shape[1]} ids incl. added tokens (max error {err:.1e} of range)")
-
-
-def _resized_base(plan, load_base, resize_like_plan):
-    import torch
-
-    model = load_base(plan)
-    resize_like_plan(model, plan, as_trained=True)
-    if plan.dtype != plan.base.dtype:
-        model.to(getattr(torch, plan.dtype))
-    return model
 
 
 def _bytes_per(dtype: str) -> int:

@@ -45,7 +45,7 @@ def written_tokenizer(plan) -> TokenizerFacts | None:
         return None
     if plan.adapter.tokenizer and source == plan.adapter.tokenizer.folder:
         return plan.adapter.tokenizer
-    if source == str(plan.base.folder):
+    if plan.base.tokenizer and source == plan.base.tokenizer.folder:
         return plan.base.tokenizer
     return read_tokenizer_facts(Path(source), plan.base.folder)
 
@@ -53,7 +53,7 @@ def written_tokenizer(plan) -> TokenizerFacts | None:
 def plan_output_files(plan) -> OutputFiles:
     tokenizer = written_tokenizer(plan)
     source = None
-    for folder in (plan.adapter.folder, plan.base.folder):  # the adapter's wins: training may have set eos/pad
+    for folder in plan.metadata_folders:  # the adapters' win, the last stage's first: training may have set eos/pad
         if (folder / GENERATION_CONFIG).is_file():
             source = confined(folder, GENERATION_CONFIG, "generation config folder")
             break

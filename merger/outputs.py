@@ -57,7 +57,8 @@ def write_generation_config(plan: MergePlan, out_dir: Path) -> None:
     if decided is not None and decided.generation_changes:
         (out_dir / GENERATION_CONFIG).write_text(json.dumps(decided.generation_config, indent=2) + "\n")
         return
-    for folder, role in ((plan.adapter.folder, "adapter folder"), (plan.base.folder, "base model folder")):
+    for folder in plan.metadata_folders:
+        role = "base model folder" if folder == plan.base.folder else "adapter folder"
         if copy_input_file(folder, GENERATION_CONFIG, out_dir, role):
             return
 

@@ -65,10 +65,37 @@ class MergePlan:
     embed_design_pad: int = 0
     # decisions about OUT's other files that readers depend on (metadata.OutputFiles), from the input files
     outputs: object | None = None
+    # stacked adapters (stack.py): the plan of the stage before this one, whose output is this
+    # plan's ``base`` (a virtual checkpoint: same folder, the previous stage's shapes and config)
+    previous: "MergePlan | None" = None
+
+    @property
+    def stages(self) -> list["MergePlan"]:
+        """Every stage's plan, first to last (one for a single adapter)."""
+        chain, plan = [], self
+        while plan is not None:
+            chain.append(plan)
+            plan = plan.previous
+        return chain[::-1]
+
+    @property
+    def metadata_folders(self) -> tuple:
+        """Folders whose generation config and card OUT takes, the first that has one: the adapters,
+        last stage first, then the base."""
+        return tuple(stage.adapter.folder for stage in reversed(self.stages)) + (self.base.folder,)
+
+    @property
+    def first(self) -> "MergePlan":
+        """The first stage, whose base is the real base checkpoint."""
+        return self.stages[0]
 
     @property
     def stories(self) -> list[str]:
-        return [d.story for d in (self.embed, self.head) if d is not None]
+        stages = self.stages
+        if len(stages) == 1:
+            return [d.story for d in (self.embed, self.head) if d is not None]
+        return [f"stage {i} ({stage.adapter.folder.name}): {d.story}" for i, stage in enumerate(stages, 1)
+                for d in (stage.embed, stage.head) if d is not None]
 
     def __repr__(self) -> str:
         from .render import plan_text

@@ -113,7 +113,7 @@ def choose_tokenizer(base: CheckpointInfo, adapter: AdapterInfo, options: MergeO
         return adapter.tokenizer.folder, f"{where} has the tokenizer used in training"
     if choice in ("base", "auto"):
         if base.tokenizer:
-            return str(base.folder), "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"
+            return base.tokenizer.folder, "the adapter folder has no tokenizer, so the base's is kept" if choice == "auto" else "asked for the base's"
         return None, "neither the adapter nor the base folder has tokenizer files"
     return choice, "a tokenizer folder was given"
 

@@ -46,8 +46,18 @@ def human_bytes(count: int) -> str:
 
 def plan_text(plan) -> str:
     s = plan_dict(plan)
-    lines = [f"adapter: {', '.join(s['adapter_type'])} on {s['model_class']}"]
-    lines += [f"  {d['story']}" for d in (s["embed"], s["head"]) if d]
+    stages = s["stages"]
+    if len(stages) == 1:
+        lines = [f"adapter: {', '.join(s['adapter_type'])} on {s['model_class']}"]
+        lines += [f"  {d['story']}" for d in (s["embed"], s["head"]) if d]
+    else:
+        lines = [f"{len(stages)} stacked adapters on {s['model_class']}, merged in order in one pass:"]
+        for stage in stages:
+            ops = ", ".join(f"{n} {k}" for k, n in sorted(stage["operations"].items()) if k != "copied")
+            name = stage["adapter"].rstrip("/").rsplit("/", 1)[-1]
+            lines.append(f"  stage {stage['stage']} ({name}): {', '.join(stage['adapter_type'])}; {ops or 'nothing changed'} "
+                         f"[{stage['adapter']}]")
+            lines += [f"    {story}" for story in stage["stories"]]
     embed = s["embed"]
     if embed and embed["padding_rows"]:
         first, last = embed["padding_rows"]

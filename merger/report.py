@@ -126,6 +126,22 @@ def plan_summary(plan) -> dict:
         "stream_blockers": list(plan.stream_blockers),
         "problems": list(plan.problems),
         "outputs": plan.outputs.to_dict() if plan.outputs is not None else None,
+        "stages": [stage_summary(stage, number) for number, stage in enumerate(plan.stages, 1)],
+    }
+
+
+def stage_summary(stage, number: int) -> dict:
+    """One stage of a stack (a single adapter is a stack of one): its adapter, rows and changes."""
+    return {
+        "stage": number,
+        "adapter": str(stage.adapter.folder),
+        "adapter_type": stage.adapter.variants(),
+        "embed_rows": stage.embed.rows if stage.embed else None,
+        "head_rows": stage.head.rows if stage.head else None,
+        "stories": [d.story for d in (stage.embed, stage.head) if d is not None],
+        "operations": stage.op_counts(),
+        "lora_modules": sum(1 for op in stage.ops if op.lora) + len(stage.parameter_lora),
+        "tokenizer": stage.adapter.tokenizer.folder if stage.adapter.tokenizer else None,
     }
 
 

@@ -24,7 +24,7 @@ _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 def resolve_folder(source: str | os.PathLike, role: str, label: str | None = None) -> Path:
     """A local folder as is; 'owner/name' from the Hub cache (downloaded unless HF_HUB_OFFLINE=1)."""
     if not isinstance(source, (str, os.PathLike)):
-        stacked = " (several adapters are not merged in one run yet: merge them one at a time)" if isinstance(source, (list, tuple)) else ""
+        stacked = " (a list of stages is merged by merge_adapter and inspect_adapter)" if isinstance(source, (list, tuple)) else ""
         raise OptionsError(f"{role}: expected a folder path or Hub id, found {type(source).__name__}{stacked}")
     try:
         path = Path(source).expanduser()

@@ -457,3 +457,95 @@ def sample_input_ids(scenario: Scenario) -> torch.Tensor:
     for (row, col), token in zip(slots, scenario.new_token_ids, strict=False):  # fewer tokens than slots
         ids[row, col] = token
     return ids
+
+
+# -------------------------------------------------------------------------------- stacked pipelines
+
+
+@dataclass
+class StageSpec:
+    """One stage of a pipeline, trained on the merge of the stages before it."""
+
+    name: str
+    lora: dict
+    words: tuple[str, ...] = ()
+    specials: tuple[str, ...] = ()
+    pad_to_multiple_of: int | None = None
+    save_tokenizer: bool = True
+
+
+@dataclass
+class Stack:
+    base_dir: Path
+    adapter_dirs: list[Path]
+    merged_dirs: list[Path]  # each stage merged by the user with PEFT, as the pipeline did between stages
+    new_token_ids: list[int]  # every stage's, in order
+    rows: list[int]  # embedding rows each stage trained with
+    tokenizer_len: int
+
+
+def grow_like_merger(model, old_rows: int) -> None:
+    """Rows that resize_token_embeddings added, set to the mean of the rows before them: what a
+    mean-resizing pipeline gives on average and what merger's default --new-rows rule writes, so an
+    untrained grown row has one well-defined value for the reference to compare against."""
+    with torch.no_grad():
+        for module in {id(m): m for m in (model.get_input_embeddings(), model.get_output_embeddings())}.values():
+            if module is not None and module.weight.shape[0] > old_rows:
+                module.weight[old_rows:] = module.weight[:old_rows].float().mean(dim=0).to(module.weight.dtype)
+
+
+def build_stack(root: Path, stages: list[StageSpec], *, tied: bool = False, base_tokens: int = 64,
+                dtype: torch.dtype = torch.float32, seed: int = 0) -> Stack:
+    """A base, then each stage as the user runs it: load the previous merge, add tokens, resize
+    (padded), train LoRA, save the adapter (and tokenizer), merge with PEFT and save that for the next."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    root = Path(root)
+    torch.manual_seed(seed)
+    base_dir = root / "base"
+    LlamaForCausalLM(llama_config(base_tokens, tied)).to(dtype).save_pretrained(base_dir)
+    make_tokenizer(base_tokens).save_pretrained(base_dir)
+    previous, adapters, merged_dirs, new_ids, rows = base_dir, [], [], [], []
+    for number, spec in enumerate(stages, 1):
+        tok = AutoTokenizer.from_pretrained(previous)
+        model = LlamaForCausalLM.from_pretrained(previous, dtype=dtype)
+        ids = _add_tokens(tok, list(spec.specials), list(spec.words), None)
+        old_rows = model.get_input_embeddings().weight.shape[0]
+        if ids and len(tok) > old_rows or spec.pad_to_multiple_of and ids:
+            model.resize_token_embeddings(len(tok), pad_to_multiple_of=spec.pad_to_multiple_of, mean_resizing=False)
+            grow_like_merger(model, old_rows)
+        lora = dict(spec.lora)
+        if lora.get("trainable_token_indices") == "new":
+            lora["trainable_token_indices"] = ids
+        adapter_dir = root / spec.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            peft_model = get_peft_model(model, LoraConfig(**{"r": 4, "lora_alpha": 8, **lora}))
+            perturb_trainable(peft_model, seed=seed + number)
+            peft_model.save_pretrained(adapter_dir)
+            if spec.save_tokenizer:
+                tok.save_pretrained(adapter_dir)
+            merged = peft_model.merge_and_unload()
+        merged_dir = root / f"merged-{number}"
+        merged.save_pretrained(merged_dir)
+        tok.save_pretrained(merged_dir)
+        adapters.append(adapter_dir)
+        merged_dirs.append(merged_dir)
+        new_ids += ids
+        rows.append(merged.get_input_embeddings().weight.shape[0])
+        previous = merged_dir
+    return Stack(base_dir, adapters, merged_dirs, new_ids, rows, len(tok))
+
+
+def medical_pipeline(root: Path, tied: bool = False) -> Stack:
+    """MedicalGPT / Chinese-LLaMA: PT adds domain tokens (embed+head saved whole), SFT adds chat tokens
+    (trainable tokens), both padded to 8; DPO trains LoRA only and saves no tokenizer."""
+    return build_stack(root, [
+        StageSpec("pt", dict(target_modules=ALL_LLAMA_LINEAR, modules_to_save=EMBED_AND_HEAD),
+                  words=("gene", "protein", "dose"), pad_to_multiple_of=8),  # 64 + 3 -> 72 rows
+        StageSpec("sft", dict(target_modules=["q_proj", "v_proj", "o_proj"], trainable_token_indices="new"),
+                  specials=("<|im_start|>", "<|im_end|>", "<|tool|>"), words=("dosage", "symptom", "patient", "trial"),
+                  pad_to_multiple_of=8),  # 67 + 7 -> 80 rows
+        StageSpec("dpo", dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]), save_tokenizer=False),
+    ], tied=tied)

@@ -192,17 +192,35 @@ def attach_adapter(model, plan: MergePlan):
     return peft_model.eval()  # new LoRA layers start in training mode: dropout would randomise the reference
 
 
+def merge_stages(model, stages: list[MergePlan]):
+    """``model`` with each stage's adapter loaded and merged in turn, as the pipeline did between stages."""
+    for stage in stages:
+        resize_like_plan(model, stage)
+        peft_model = attach_adapter(model, stage)
+        untie_head(peft_model, stage)
+        model = peft_model.merge_and_unload(progressbar=False)
+        _set_tie(model, stage.tie_word_embeddings)
+        if stage.tie_word_embeddings:
+            model.tie_weights()
+    return model
+
+
+def reference_model(plan: MergePlan):
+    """The trained model as PEFT runs it: the earlier stages merged, the last adapter loaded unmerged
+    on the rows it was trained with (validation's reference)."""
+    import torch
+
+    model = merge_stages(load_base(plan.first), plan.stages[:-1])
+    resize_like_plan(model, plan, as_trained=True)
+    if plan.dtype != plan.first.base.dtype:
+        model.to(getattr(torch, plan.dtype))
+    return attach_adapter(model, plan)
+
+
 def execute_peft(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
     import torch
 
-    model = load_base(plan)
-    resize_like_plan(model, plan)
-    peft_model = attach_adapter(model, plan)
-    untie_head(peft_model, plan)
-    merged = peft_model.merge_and_unload(progressbar=False)
-    _set_tie(merged, plan.tie_word_embeddings)
-    if plan.tie_word_embeddings:
-        merged.tie_weights()
+    merged = merge_stages(load_base(plan.first), plan.stages)
     if next(merged.parameters()).dtype != getattr(torch, plan.dtype):
         merged.to(getattr(torch, plan.dtype))
     merged.config.vocab_size = plan.embed.rows if plan.embed else merged.config.vocab_size

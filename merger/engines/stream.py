@@ -13,6 +13,7 @@ import logging
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UnsupportedError
@@ -28,13 +29,13 @@ BLOCK_BYTES = 16 << 20  # float32 work per row block: big enough for fast GEMMs,
 
 
 def stream_blockers(plan: MergePlan) -> list[str]:
-    """Why this plan cannot run on the streaming engine (empty when it can)."""
-    blockers = list(plan.stream_blockers)
-    if plan.base.format != "safetensors":
+    """Why this plan (every stage of it) cannot run on the streaming engine (empty when it can)."""
+    blockers = [b for stage in plan.stages for b in stage.stream_blockers]
+    if plan.first.base.format != "safetensors":
         blockers.append("the base is stored as pytorch_model.bin")
     if plan.layout.config_overrides:
         blockers.append("the output needs a different model class than the base")
-    return blockers
+    return list(dict.fromkeys(blockers))
 
 
 def output_tensors(plan: MergePlan) -> list[OutTensor]:
@@ -129,6 +130,10 @@ class TensorFiles:
         name = TORCH_NAMES.get(self.metas[key].dtype)
         return getattr(torch, name) if name else None
 
+    def rows(self, key: str) -> int:
+        shape = self.metas[key].shape
+        return shape[0] if shape else 1
+
     def read_rows(self, key: str, start: int, stop: int, into) -> None:
         """Rows [start, stop) of ``key`` into the contiguous CPU tensor ``into``."""
         import torch
@@ -181,6 +186,10 @@ class PickledTensors:
 
     def read(self, key: str):
         return self.state[key]
+
+    def rows(self, key: str) -> int:
+        shape = self.state[key].shape
+        return shape[0] if len(shape) else 1
 
     def read_rows(self, key: str, start: int, stop: int, into) -> None:
         into.copy_(self.state[key][start:stop])
@@ -237,19 +246,20 @@ class AsyncWriter:
 class OpRunner:
     """Executes TensorOps block by block: start rows, grown rows, token rows, LoRA, cast, write."""
 
-    def __init__(self, plan: MergePlan, device: str, base: TensorFiles, adapter, out: AsyncWriter):
+    def __init__(self, plan: MergePlan, device: str, base, adapter, out: AsyncWriter | None):
         import torch
 
         self.plan, self.device, self.base, self.adapter, self.out = plan, device, base, adapter, out
         self.work = Scratch(device)
         self.host_in = Scratch("cpu")
         self.out_dtype = getattr(torch, plan.dtype)
+        self.prepared: tuple[str, _Prepared] | None = None
+
+    def source_of(self, op: TensorOp):
+        return (self.adapter, op.replace_key) if op.replace_key else (self.base, op.base_key)
 
     def run(self, op: TensorOp, writer: ShardWriter) -> None:
-        import torch
-
-        source, key = (self.adapter, op.replace_key) if op.replace_key else (self.base, op.base_key)
-        meta = source.metas[key] if isinstance(source, TensorFiles) else None
+        source, key = self.source_of(op)
         src_dtype = source.torch_dtype(key)
         if src_dtype is None or not src_dtype.is_floating_point or not op.shape:
             tensor = source.read(key)  # integers, bools and scalars: tiny, written as they are
@@ -257,42 +267,62 @@ class OpRunner:
                 tensor = tensor.to(self.out_dtype)
             writer.write(op.out_key, tensor)
             return
-        src_rows = meta.shape[0] if meta is not None else source.state[key].shape[0]
         out_rows, rest = op.shape[0], tuple(op.shape[1:])
         out_dtype = self.out_dtype if op.cast else src_dtype
-        plain = not (op.lora or op.token_rows_key) and out_rows <= src_rows
-        dora_whole = op.lora is not None and op.lora.magnitude_key is not None and op.lora.kind != "linear"
-        step = out_rows if dora_whole else max(1, BLOCK_BYTES // max(1, numel(rest) * 4))
-
-        if plain and out_dtype == src_dtype:  # a copy: source bytes straight into the output buffer
+        if is_plain(op, source.rows(key)) and out_dtype == src_dtype:  # a copy: source bytes straight into the output buffer
+            step = max(1, BLOCK_BYTES // max(1, numel(rest) * 4))
             for i in range(0, out_rows, step):
                 j = min(out_rows, i + step)
                 block = self.out.acquire((j - i,) + rest, out_dtype)
                 source.read_rows(key, i, j, block)
                 self.out.submit(writer, op.out_key, block)
             return
-
-        fill = self._fill_row(source, key, src_rows, rest) if out_rows > src_rows else None
-        tokens = self._token_rows(op)
-        lora = self._lora_tensors(op)
-        for i in range(0, out_rows, step):
-            j = min(out_rows, i + step)
-            work = self.work.take("work", (j - i,) + rest, torch.float32)
-            k = min(j, src_rows)
-            if i < k:
-                staging = self.host_in.take("in", (k - i,) + rest, src_dtype)
-                source.read_rows(key, i, k, staging)
-                work[: k - i].copy_(staging)
-            if j > src_rows:
-                work[max(i, src_rows) - i:].copy_(fill.expand(j - max(i, src_rows), *rest))
-            for row, values in tokens:
-                if i <= row < j:
-                    work[row - i].copy_(values)
-            if lora is not None:
-                self._apply_lora(work, op, lora, i, j)
+        prepared = self.prepare(op)
+        for i in range(0, out_rows, prepared.step):
+            j = min(out_rows, i + prepared.step)
+            work = self.compute(op, prepared, i, j)
             block = self.out.acquire((j - i,) + rest, out_dtype)
             block.copy_(work)
             self.out.submit(writer, op.out_key, block)
+
+    def prepare(self, op: TensorOp) -> "_Prepared":
+        """What every block of ``op`` needs: the grown rows' value, token rows, LoRA tensors (cached for
+        the op most recently prepared: a later stage reads one tensor's blocks in order)."""
+        if self.prepared is not None and self.prepared[0] == op.out_key:
+            return self.prepared[1]
+        source, key = self.source_of(op)
+        src_rows, rest = source.rows(key), tuple(op.shape[1:])
+        dora_whole = op.lora is not None and op.lora.magnitude_key is not None and op.lora.kind != "linear"
+        prepared = _Prepared(
+            src_rows=src_rows,
+            step=op.shape[0] if dora_whole else max(1, BLOCK_BYTES // max(1, numel(rest) * 4)),
+            fill=self._fill_row(source, key, src_rows, rest) if op.shape[0] > src_rows else None,
+            tokens=self._token_rows(op),
+            lora=self._lora_tensors(op),
+        )
+        self.prepared = (op.out_key, prepared)
+        return prepared
+
+    def compute(self, op: TensorOp, prepared: "_Prepared", i: int, j: int):
+        """Rows [i, j) of ``op``'s result, in float32 on the engine's device (a reused buffer)."""
+        import torch
+
+        source, key = self.source_of(op)
+        rest, src_rows = tuple(op.shape[1:]), prepared.src_rows
+        work = self.work.take("work", (j - i,) + rest, torch.float32)
+        k = min(j, src_rows)
+        if i < k:
+            staging = self.host_in.take("in", (k - i,) + rest, source.torch_dtype(key))
+            source.read_rows(key, i, k, staging)
+            work[: k - i].copy_(staging)
+        if j > src_rows:
+            work[max(i, src_rows) - i:].copy_(prepared.fill.expand(j - max(i, src_rows), *rest))
+        for row, values in prepared.tokens:
+            if i <= row < j:
+                work[row - i].copy_(values)
+        if prepared.lora is not None:
+            self._apply_lora(work, op, prepared.lora, i, j)
+        return work
 
     def _fill_row(self, source, key, src_rows, rest):
         """The value of grown rows: the mean of the source rows (accumulated in float64), or zeros."""
@@ -346,6 +376,72 @@ class OpRunner:
             work.addmm_(a[:, i:j].T, b.T, alpha=scale)
 
 
+@dataclass
+class _Prepared:
+    src_rows: int
+    step: int
+    fill: object | None
+    tokens: list
+    lora: tuple | None
+
+
+def is_plain(op: TensorOp, src_rows: int) -> bool:
+    """The op copies its start unchanged (a cast aside)."""
+    return not (op.lora or op.token_rows_key) and op.shape[0] <= src_rows
+
+
+class StageTensors:
+    """An earlier stage's output tensors, computed on demand, row block by row block, by that
+    stage's runner: the next stage reads them as it would read a base checkpoint's. Tensors the
+    stage copies unchanged are read straight from where that stage reads them, in their own
+    dtype; computed ones come as float32, so stages do not round between each other."""
+
+    def __init__(self, runner: OpRunner):
+        self.runner = runner
+        self.ops = {op.out_key: op for op in runner.plan.ops}
+
+    def _through(self, key: str):
+        """(source, key) to delegate to when the stage copies ``key`` unchanged, else None."""
+        op = self.ops[key]
+        source, start = self.runner.source_of(op)
+        if op.shape and is_plain(op, source.rows(start)) and op.shape[0] == source.rows(start):
+            return source, start
+        if not op.shape or not source.torch_dtype(start) or not source.torch_dtype(start).is_floating_point:
+            return source, start
+        return None
+
+    def rows(self, key: str) -> int:
+        shape = self.ops[key].shape
+        return shape[0] if shape else 1
+
+    def torch_dtype(self, key: str):
+        import torch
+
+        through = self._through(key)
+        return through[0].torch_dtype(through[1]) if through else torch.float32
+
+    def read_rows(self, key: str, start: int, stop: int, into) -> None:
+        through = self._through(key)
+        if through:
+            through[0].read_rows(through[1], start, stop, into)
+            return
+        op = self.ops[key]
+        into.copy_(self.runner.compute(op, self.runner.prepare(op), start, stop))
+
+    def read(self, key: str):
+        import torch
+
+        through = self._through(key)
+        if through:
+            return through[0].read(through[1])
+        out = torch.empty(self.ops[key].shape, dtype=torch.float32)
+        self.read_rows(key, 0, self.rows(key), out)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
 def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
     """Write the merged weights of ``plan`` into ``out_dir``; returns the file names written."""
     blockers = stream_blockers(plan)
@@ -358,12 +454,8 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
     with ExitStack() as stack, cpu_threads():
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-write"))
         syncer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-fsync"))
-        base = TensorFiles(plan.base.folder, plan.base.tensors)
-        adapter = open_adapter(plan)
-        stack.callback(base.close)
-        stack.callback(adapter.close)
         out = AsyncWriter(pool)
-        runner = OpRunner(plan, device, base, adapter, out)
+        runner = stage_runners(plan, device, out, stack)
         closing: list[Future] = []
         for shard_name, tensors in layout.files:
             writer = ShardWriter(out_dir / shard_name, tensors)
@@ -379,6 +471,19 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
             future.result()
     write_index(out_dir, layout)
     return written
+
+
+def stage_runners(plan: MergePlan, device: str, out: AsyncWriter, stack: ExitStack) -> OpRunner:
+    """The runner of the last stage; each stage reads the one before it (the first, the base)."""
+    source = TensorFiles(plan.first.base.folder, plan.first.base.tensors)
+    stack.callback(source.close)
+    runner = None
+    for stage in plan.stages:
+        adapter = open_adapter(stage)
+        stack.callback(adapter.close)
+        runner = OpRunner(stage, device, source, adapter, out if stage is plan else None)
+        source = StageTensors(runner)
+    return runner
 
 
 def run_op(runner: OpRunner, op: TensorOp, writer: ShardWriter) -> None:
