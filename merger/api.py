@@ -69,13 +69,45 @@ def inspect_adapter(base: str | os.PathLike | None, adapter, options: MergeOptio
 
     ``adapter`` is one adapter folder, or a list of them: stages trained one on the merge of the
     last (PT, SFT, DPO), merged in order; the plan returned is the last stage's, chained to the rest.
+    With ``initial_adapter``, the converted adapter lives in a scratch folder as long as the plan.
     """
-    opts = _options(options, overrides)
+    import weakref
+
+    workspace = Workspace(None)
+    plan = _inspect(base, adapter, _options(options, overrides), workspace)
+    if workspace.path is not None:
+        weakref.finalize(plan, workspace.remove)
+    return plan
+
+
+class Workspace:
+    """A scratch folder made on first use (a converted adapter), inside ``parent`` (OUT's, for a merge)."""
+
+    def __init__(self, parent: Path | None, prefix: str = "merger-scratch-"):
+        self.parent, self.prefix, self.path = parent, prefix, None
+
+    def folder(self, name: str) -> Path:
+        import tempfile
+
+        if self.path is None:
+            self.path = Path(tempfile.mkdtemp(prefix=self.prefix, dir=self.parent))
+        return self.path / name
+
+    def remove(self) -> None:
+        import shutil
+
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+
+def _inspect(base, adapter, opts: MergeOptions, workspace: Workspace) -> MergePlan:
     check_tokenizer_source(opts.tokenizer)
     sources = adapter_sources(adapter)
     adapter_dirs = stage_folders(sources)
     base_dir = resolve_base(base, adapter_dirs[0])
     plan = None
+    adapter_dirs = convert_initialized(sources, adapter_dirs, opts, workspace)
     for number, (source, adapter_dir) in enumerate(zip(sources, adapter_dirs, strict=True), 1):
         plan = _plan_stage(plan, base_dir, source, adapter_dir, opts, number, len(sources))
     if opts.tokenizer == "adapter" and len(sources) > 1 and not any(stage.adapter.tokenizer for stage in plan.stages):
@@ -92,6 +124,28 @@ def adapter_sources(adapter) -> list:
             raise OptionsError("adapter: an empty list; pass one adapter folder, or the stages of a pipeline in training order")
         return list(adapter)
     return [adapter]
+
+
+def convert_initialized(sources: list, adapter_dirs: list[Path], opts: MergeOptions, workspace: Workspace) -> list[Path]:
+    """With --initial-adapter, the one stage saved unconverted by a PiSSA-family init, converted (init_conversion.py)."""
+    if not opts.initial_adapter:
+        return adapter_dirs
+    from .adapter import read_adapter_config
+    from .init_conversion import convert_with_initial, mutating_init
+
+    initial = resolve_folder(opts.initial_adapter, "initial_adapter")
+    mutated = [i for i, folder in enumerate(adapter_dirs) if mutating_init(read_adapter_config(folder))]
+    if len(mutated) != 1:
+        found = "none of the adapters" if not mutated else f"{len(mutated)} stages"
+        raise OptionsError(f"--initial-adapter {initial}: {found} saved with a base-rewriting init (init_lora_weights pissa, "
+                           "olora, corda, lora_ga, loftq); it converts exactly one: "
+                           + ("drop --initial-adapter" if not mutated else "merge those stages one at a time"))
+    index = mutated[0]
+    source_dir = adapter_dirs[index]
+    trainer = trainer_folder(sources[index], source_dir)
+    converted = convert_with_initial(source_dir, initial, workspace.folder(source_dir.name), trainer)
+    log.info("%s: converted with the initial adapter %s (dW = B·A - B0·A0, PEFT's conversion)", source_dir, initial)
+    return adapter_dirs[:index] + [converted] + adapter_dirs[index + 1:]
 
 
 def stage_folders(sources: list) -> list[Path]:
@@ -116,6 +170,8 @@ def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir:
     stage_opts = opts
     if count > 1 and opts.tokenizer == "adapter":
         stage_opts = opts.replace(tokenizer="auto")  # the last stage's that has one: checked over the whole stack
+    if previous is not None and opts.residual_base:
+        stage_opts = stage_opts.replace(residual_base=False)  # the residual is of the base: only the first stage's
     if previous is None:
         facts = gather_facts(base_dir, adapter_dir, opts.trust_remote_code, trainer_folder(source, adapter_dir))
         adapter_facts, non_finite = facts.adapter, facts.non_finite
@@ -186,8 +242,16 @@ def merge_adapter(base: str | os.PathLike | None, adapter: str | os.PathLike, ou
             check_output_target(out, opts.overwrite)
             # hashing the inputs for the report runs beside the planning: hashlib releases the GIL, and
             # planning is mostly the single-threaded import of transformers
-            with InputHasher({**adapter_roles(adapter_dirs), "base": base_dir}) as hasher:
-                result = _merge_planned(base_dir, adapter, out, opts, hasher, started, quiet, recovered)
+            roles = {**adapter_roles(adapter_dirs), "base": base_dir}
+            if opts.initial_adapter:
+                roles["initial adapter"] = resolve_folder(opts.initial_adapter, "initial_adapter")
+            # a converted adapter is scratch beside OUT (same disk), gone when the merge ends however it ends
+            workspace = Workspace(out.resolve().parent, prefix=f".{out.resolve().name}.tmp-convert-")
+            try:
+                with InputHasher(roles) as hasher:
+                    result = _merge_planned(base_dir, adapter, out, opts, hasher, started, quiet, recovered, workspace)
+            finally:
+                workspace.remove()
             if opts.push_to_hub:  # only a validated, committed OUT is pushed, still under OUT's lock
                 try:
                     result.hub = push_folder(result.out, opts)
@@ -215,6 +279,8 @@ def input_folders(base_dir: Path, adapter_dirs: list[Path], opts: MergeOptions) 
         folders["--adapter" if len(adapter_dirs) == 1 else f"--adapter (stage {i})"] = folder
     if opts.tokenizer not in ("auto", "adapter", "base"):
         folders["--tokenizer"] = Path(opts.tokenizer).expanduser()
+    if opts.initial_adapter:
+        folders["--initial-adapter"] = Path(opts.initial_adapter).expanduser()
     return folders
 
 
@@ -236,8 +302,8 @@ def os_error_message(exc: OSError, out: Path) -> MergerError:
 
 
 def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hasher,
-                   started: float, quiet: bool, recovered: list[str]) -> MergeResult:
-    plan = inspect_adapter(base_dir, adapter, opts)  # as given: a named adapter's trainer folder is found from it
+                   started: float, quiet: bool, recovered: list[str], workspace: Workspace) -> MergeResult:
+    plan = _inspect(base_dir, adapter, opts, workspace)  # as given: a named adapter's trainer folder is found from it
     stages = plan.stages
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
@@ -273,8 +339,9 @@ def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hashe
         report.serving = check_serving(tmp, plan.base.folder)
         fields = {
             "merger_report": 1,
-            "inputs": {"base": str(base_dir), "adapter": str(plan.adapter.folder),
-                       **({"stages": [str(stage.adapter.folder) for stage in stages]} if len(stages) > 1 else {}),
+            "inputs": {"base": str(base_dir), "adapter": str(adapter_sources(adapter)[-1]),
+                       **({"initial_adapter": str(opts.initial_adapter)} if opts.initial_adapter else {}),
+                       **({"stages": [str(source) for source in adapter_sources(adapter)]} if len(stages) > 1 else {}),
                        "sha256": hasher.results()},
             "versions": versions(),
             "engine": {"name": engine, "reason": reason},
@@ -323,22 +390,24 @@ def validate_checkpoint(out: str | os.PathLike, base: str | os.PathLike, adapter
         raise OptionsError(f"validate_checkpoint: mode {mode!r} is not fast or full")
     opts = _options(options, overrides)
     out_dir = resolve_folder(out, "out")
-    plan = inspect_adapter(base, adapter, opts)
-    if plan.problems:
-        raise IncompatibleError(list(plan.problems))
     if opts.dtype == "auto":
         # judge the checkpoint in the dtype it was written in
-        from .checkpoint import inspect_checkpoint_folder as _inspect
+        from .checkpoint import inspect_checkpoint_folder
 
         try:
-            written = _inspect(out_dir).dtype
-            if written != plan.dtype:
-                plan = inspect_adapter(base, adapter, opts.replace(dtype=written))
+            opts = opts.replace(dtype=inspect_checkpoint_folder(out_dir).dtype)
         except MergerError:
             pass
     from .serving import check_serving
 
-    report = validate_output(out_dir, plan, mode)
+    workspace = Workspace(None)
+    try:
+        plan = _inspect(base, adapter, opts, workspace)
+        if plan.problems:
+            raise IncompatibleError(list(plan.problems))
+        report = validate_output(out_dir, plan, mode)
+    finally:
+        workspace.remove()
     report.serving = check_serving(out_dir, plan.base.folder)
     return report
 

@@ -80,6 +80,17 @@ class MergeOptions:
         ("off", "fast", "full"),
     )
     overwrite: bool = _opt(False, "replace a non-empty OUT (it is replaced only after success)")
+    residual_base: bool = _opt(
+        False,
+        "the base given is the residual model a PiSSA/OLoRA/CorDA/LoRA-GA/LoftQ adapter saved without "
+        "conversion was trained on (PEFT rewrote the base when training started); merge into it as it is",
+    )
+    initial_adapter: str | None = _opt(
+        None,
+        "the adapter a PiSSA-family init saved before training (LLaMA-Factory's pissa_init/): merger "
+        "applies PEFT's conversion (dW = B·A - B0·A0) so the unconverted adapter merges into the original base",
+        metavar="DIR",
+    )
     trust_remote_code: bool = _opt(
         False, "allow the model's own code from the base folder (peft engine only)"
     )
@@ -126,6 +137,9 @@ class MergeOptions:
             )
         parse_max_memory(self.max_memory)
         _check_push(self)
+        if self.residual_base and self.initial_adapter:
+            raise OptionsError("options residual_base and initial_adapter: give one; --residual-base says the base already is "
+                               "the rewritten one, --initial-adapter converts the adapter to fit the original base")
         if parse_size(self.max_shard_size) <= 0:
             raise OptionsError(f"option max_shard_size: {short(self.max_shard_size)} is not a positive size like 5GB or 500MB")
 

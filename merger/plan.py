@@ -117,7 +117,7 @@ class MergePlan:
 def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions,
                embed_head_equal: bool | None = None) -> MergePlan:
     groups = group_adapter_tensors(adapter, layout)
-    problems = list(groups.problems) + adapter_problems(adapter, layout)
+    problems = list(groups.problems) + adapter_problems(adapter, layout, options)
     quantized = quantization_problem(base, adapter)
     problems.extend([quantized] if quantized else base_shape_problems(base, layout))
 
@@ -133,6 +133,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
 
     dtype = base.dtype if options.dtype == "auto" else options.dtype
     notes = list(adapter.warnings) + list(vocab.notes)
+    if options.residual_base and base_mutating_init_problem(adapter):
+        notes.append(f"--residual-base: {base.folder} is taken to be the base that init_lora_weights="
+                     f"{adapter.config.get('init_lora_weights')!r} rewrote when training started; the adapter is merged into it as it is")
     unmatched = unmatched_targets(adapter.config.get("target_modules"), layout)
     if unmatched:
         notes.append(f"target_modules entries that match nothing in the base: {', '.join(unmatched)}")
@@ -154,12 +157,16 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
                      vocab.embed_design_pad)
 
 
-def adapter_problems(adapter: AdapterInfo, layout: ModelLayout) -> list[str]:
+def adapter_problems(adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions) -> list[str]:
     """What the adapter's config says that makes its tensors unusable on this base as they are."""
     problems = []
     mutating = base_mutating_init_problem(adapter)
-    if mutating:
+    if mutating and not options.residual_base:  # --residual-base: the user says the base is the rewritten one
         problems.append(mutating)
+    if options.residual_base and not mutating:
+        problems.append(f"--residual-base: {adapter.folder / 'adapter_config.json'} has init_lora_weights="
+                        f"{adapter.config.get('init_lora_weights', True)!r}, which never rewrote the base, so no residual base "
+                        "exists for it; drop --residual-base and pass the original base")
     missing = declared_but_missing(adapter, layout, lambda key: resolve_module(layout, key.module) or key.module)
     if missing:
         problems.append(f"{adapter.folder / 'adapter_config.json'}: declares trained modules the adapter file does not hold "

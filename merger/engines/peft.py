@@ -171,6 +171,10 @@ def attach_adapter(model, plan: MergePlan):
     folder = str(plan.adapter.folder)
     config = PeftConfig.from_pretrained(folder)
     config.inference_mode = True
+    if isinstance(getattr(config, "init_lora_weights", None), str):
+        # the weights are loaded next: a PiSSA/OLoRA/CorDA init would first rewrite the base again (an
+        # unconverted adapter is refused or its base is the rewritten one, --residual-base), or need data
+        config.init_lora_weights = True
     peft_model = PeftModel(model, config)
     weights = load_peft_weights(folder, device="cpu")
     result = set_peft_model_state_dict(peft_model, weights)

@@ -203,10 +203,14 @@ class PickledTensors:
 
 def open_adapter(plan: MergePlan):
     """A reader of the adapter's tensors (``read(key)``, ``read_rows``); close() when done."""
-    path = plan.adapter.folder / plan.adapter.weights_file
-    if path.suffix == ".safetensors":
-        return TensorFiles(plan.adapter.folder, plan.adapter.tensors)
-    return PickledTensors(path)
+    return open_tensors(plan.adapter.folder, plan.adapter.weights_file, plan.adapter.tensors)
+
+
+def open_tensors(folder: Path, weights_file: str, metas: dict):
+    """A reader of one weights file's tensors, safetensors (by offset) or a legacy .bin."""
+    if weights_file.endswith(".safetensors"):
+        return TensorFiles(folder, metas)
+    return PickledTensors(folder / weights_file)
 
 
 def open_base(plan: MergePlan):

@@ -1,0 +1,60 @@
+"""What an earlier stage of a stack wrote, recomputed for validation.
+
+The stream engine computes a stack block by block through its own readers; validation needs the
+same tensors by another road: read through the safetensors library, each op applied to the
+whole tensor with lora.py's pure functions, in float32. Used only for stacked plans (a single
+adapter's base is read as it is stored); holds one tensor at a time.
+"""
+
+from __future__ import annotations
+
+
+class ComputedStage:
+    """``read(key)``: the output tensor ``key`` of ``plan``'s stage (its earlier stages included)."""
+
+    def __init__(self, plan):
+        from .validate import open_independently
+
+        self.plan = plan
+        self.ops = {op.out_key: op for op in plan.ops}
+        if plan.previous is not None:
+            self.source = ComputedStage(plan.previous)
+        else:
+            self.source = open_independently(plan.base.folder, plan.base.tensors)
+        self.adapter = open_independently(plan.adapter.folder, plan.adapter.tensors)
+
+    def exact(self, key: str) -> bool:
+        """True when the tensor is the base's own bytes through every stage (a copy, cast aside)."""
+        op = self.ops[key]
+        if op.lora or op.token_rows_key or op.replace_key or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
+            return False
+        return not isinstance(self.source, ComputedStage) or self.source.exact(op.base_key)
+
+    def read(self, key: str):
+        import torch
+
+        from .lora import dora_weight, embedding_delta, grow_rows, linear_delta
+
+        op = self.ops[key]
+        start = self.adapter.read(op.replace_key) if op.replace_key else self.source.read(op.base_key)
+        if not start.is_floating_point() or not op.shape:
+            return start
+        weight = start.float()
+        if weight.shape[0] != op.shape[0]:
+            weight = grow_rows(weight, op.shape[0], self.plan.options.new_rows)
+        if op.token_rows_key:
+            values = self.adapter.read(op.token_rows_key).float()
+            weight[list(op.token_indices)] = values
+        if op.lora:
+            a, b = self.adapter.read(op.lora.a_key).float(), self.adapter.read(op.lora.b_key).float()
+            conv = op.lora.kind != "linear"
+            delta = embedding_delta(a, b, op.lora.scale) if op.lora.kind == "embedding" else linear_delta(a, b, op.lora.scale, conv)
+            if op.lora.magnitude_key:
+                weight = dora_weight(weight, delta, self.adapter.read(op.lora.magnitude_key), fan_in_fan_out=conv)
+            else:
+                weight = weight + delta
+        return weight.to(torch.float32)
+
+    def close(self) -> None:
+        self.source.close()
+        self.adapter.close()
