@@ -15,6 +15,7 @@ from typing import Any
 from .errors import AdapterError, InputNotFoundError, UnsupportedError
 from .inputs import confined, read_json, short
 from .keys import ADAPTER_CONFIG, AdapterKey, parse_adapter_key
+from .peft_types import MERGED_BY_PEFT, parse_tuner_key, refusal
 from .tensors import TensorMeta, read_safetensors_header, read_torch_bin_metas
 from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts
 
@@ -119,8 +120,9 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
     peft_type = str(config["peft_type"]).upper()
     if peft_type in PROMPT_LEARNING:
         raise UnsupportedError(f"{path}: peft_type {peft_type} is prompt learning: it adds virtual tokens at run time and has no weights to merge; keep using it with PEFT")
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise UnsupportedError(f"{path}: peft_type {peft_type} is not supported (merger merges {', '.join(SUPPORTED_PEFT_TYPES)}); merge it with PEFT's merge_and_unload")
+    refused = refusal(peft_type)
+    if refused:
+        raise UnsupportedError(f"{path}: {refused}")
     for name, reason in _REFUSED_LORA_FIELDS.items():
         if config.get(name):
             raise UnsupportedError(f"{path}: {name}={short(config[name])} cannot be merged into plain weights: {reason}")
@@ -128,6 +130,8 @@ def check_config(config: dict[str, Any], path: Path) -> list[str]:
         if "r" not in config:
             raise AdapterError(f"{path}: LoRA config lacks 'r'; it is not a complete PEFT LoraConfig")
         _check_value_types(config, path)
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        return []  # merged by PEFT itself, whose config class reads its own fields
     unknown = sorted(set(config) - _KNOWN_FIELDS)
     return [f"{path.name}: unknown keys {', '.join(unknown)} (from a newer PEFT?); merged by the known ones"] if unknown else []
 
@@ -207,8 +211,9 @@ def inspect_adapter_folder(folder: str | Path, base_folder: Path | None = None, 
     if not tensors:
         raise AdapterError(f"{folder / weights_file}: holds no tensors; the adapter was saved before training or the save failed")
     keys, unknown = [], []
+    peft_type = str(config["peft_type"]).upper()
     for name in tensors:
-        parsed = parse_adapter_key(name)
+        parsed = (parse_tuner_key(name, peft_type) if peft_type in MERGED_BY_PEFT else None) or parse_adapter_key(name)
         (keys.append(parsed) if parsed else unknown.append(name))
     if unknown:
         raise UnsupportedError(f"{folder / weights_file}: tensors of an unknown layout: {', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''}; merger will not guess how to merge them")

@@ -58,6 +58,9 @@ class MergePlan:
     # modules whose raw parameters carry LoRA (target_parameters, e.g. stacked MoE experts): only
     # PEFT knows how its wrapper reshapes them, so the peft engine merges them and validation checks logits
     parameter_lora: tuple[str, ...] = field(default=())
+    # modules another PEFT type adapts (LoHa, LoKr, IA3, OFT, ...): PEFT's merge_and_unload merges
+    # them on the peft engine, and validation compares logits
+    peft_merged: tuple[str, ...] = field(default=())
     # embedding rows beyond vocab_size by the model's design (Mllama: 8); 0 for nearly every model
     embed_extra_rows: int = 0
     # of those, rows the merge appends because the adapter was trained without them (transformers'
@@ -77,6 +80,11 @@ class MergePlan:
             chain.append(plan)
             plan = plan.previous
         return chain[::-1]
+
+    @property
+    def merged_by_peft(self) -> bool:
+        """Some stage has modules only PEFT's own merge handles: only a logits comparison proves them."""
+        return any(stage.parameter_lora or stage.peft_merged for stage in self.stages)
 
     @property
     def metadata_folders(self) -> tuple:
@@ -149,12 +157,16 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         blockers.append(f"LoRA on raw parameters (target_parameters: {targets}) is merged by PEFT itself")
         notes.append(f"{len(groups.parameter_lora)} modules carry LoRA on raw parameters ({targets}); PEFT's merge_and_unload "
                      "merges them, and validation compares the merged logits with base + unmerged adapter")
+    if groups.peft_merged:
+        blockers.append(f"peft_type {adapter.peft_type} is merged by PEFT itself")
+        notes.append(f"{len(groups.peft_merged)} modules carry {adapter.peft_type}; PEFT's merge_and_unload merges them, and "
+                     "validation compares the merged logits with base + unmerged adapter")
     # a quantized base, then shape mismatches: they say the most about what went wrong
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
     return MergePlan(base, adapter, layout, options, vocab.embed, vocab.head, vocab.tie, dtype, tuple(ops),
                      config_edits(base, layout, vocab, dtype), tok_source, tok_reason, groups.usage, tuple(notes),
-                     tuple(blockers), tuple(problems), tuple(sorted(groups.parameter_lora)), vocab.embed_extra,
-                     vocab.embed_design_pad)
+                     tuple(blockers), tuple(problems), tuple(sorted(groups.parameter_lora)), tuple(sorted(groups.peft_merged)),
+                     vocab.embed_extra, vocab.embed_design_pad)
 
 
 def adapter_problems(adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions) -> list[str]:

@@ -25,6 +25,7 @@ class AdapterGroups:
     by_module: dict[str, dict[str, str]] = field(default_factory=lambda: defaultdict(dict))
     usage: dict[str, str] = field(default_factory=dict)  # adapter key -> where it went (filled by later steps too)
     parameter_lora: set[str] = field(default_factory=set)  # modules whose raw parameters carry LoRA
+    peft_merged: set[str] = field(default_factory=set)  # modules adapted by another PEFT type (LoHa, IA3, ...)
     problems: list[str] = field(default_factory=list)
 
     def roles(self, module: str | None) -> dict[str, str]:
@@ -45,6 +46,18 @@ def group_adapter_tensors(adapter: AdapterInfo, layout: ModelLayout) -> AdapterG
     groups = AdapterGroups()
     absent: list[str] = []
     for key in adapter.keys:
+        if key.role == "shared":  # one tensor every module of the type uses (VeRA's projections)
+            groups.usage[key.key] = f"shared by every {adapter.peft_type} module (merged by PEFT)"
+            continue
+        if key.role == "tuner":
+            module = resolve_module(layout, key.module)
+            if module is None:
+                absent.append(key.module)
+                groups.usage[key.key] = "absent"
+                continue
+            groups.usage[key.key] = f"{adapter.peft_type} on {module} (merged by PEFT)"
+            groups.peft_merged.add(module)
+            continue
         owner = parameter_lora_owner(key, layout, adapter.config)
         if owner is not None:
             groups.usage[key.key] = f"parameter LoRA on {owner} (merged by PEFT)"

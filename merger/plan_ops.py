@@ -42,11 +42,17 @@ class TensorOp:
     token_indices: tuple[int, ...] = ()
     lora: LoraDelta | None = None
     cast: bool = True  # floating tensors take the output dtype
-    parameter_lora: bool = False  # LoRA on this raw parameter, merged by PEFT (see MergePlan.parameter_lora)
+    # merged by PEFT itself: LoRA on this raw parameter (MergePlan.parameter_lora) or another PEFT
+    # type's module (MergePlan.peft_merged)
+    merged_by_peft: bool = False
+
+    @property
+    def parameter_lora(self) -> bool:  # the name before other PEFT types were merged
+        return self.merged_by_peft
 
     @property
     def action(self) -> str:
-        if self.lora or self.parameter_lora:
+        if self.lora or self.merged_by_peft:
             return "lora-merged"
         if self.replace_key:
             return "replaced"
@@ -80,7 +86,9 @@ class OpBuilder:
                 continue  # a stored copy of a tied head: written below only if the output unties
             op = self.make_op(ckpt_key, module, param, ckpt_key, meta.shape)
             if module in self.groups.parameter_lora and any(model_key == t or model_key.endswith("." + t) for t in targeted_params):
-                op = replace(op, parameter_lora=True)
+                op = replace(op, merged_by_peft=True)
+            elif module in self.groups.peft_merged:
+                op = replace(op, merged_by_peft=True)
             self.add(op)
         if layout.tied and layout.head_module:
             self.tied_head(to_ckpt, head_w)

@@ -120,6 +120,8 @@ def plan_summary(plan) -> dict:
         "dtype": plan.dtype,
         "operations": plan.op_counts(),
         "lora_modules": sum(1 for op in plan.ops if op.lora) + len(plan.parameter_lora),
+        "peft_type": plan.adapter.peft_type,
+        "modules_merged_by_peft": len(plan.parameter_lora) + len(plan.peft_merged),
         "config_edits": plan.config_edits,
         "tokenizer": {"source": plan.tokenizer_source, "reason": plan.tokenizer_reason},
         "notes": list(plan.notes),
@@ -141,6 +143,7 @@ def stage_summary(stage, number: int) -> dict:
         "stories": [d.story for d in (stage.embed, stage.head) if d is not None],
         "operations": stage.op_counts(),
         "lora_modules": sum(1 for op in stage.ops if op.lora) + len(stage.parameter_lora),
+        "modules_merged_by_peft": len(stage.parameter_lora) + len(stage.peft_merged),
         "tokenizer": stage.adapter.tokenizer.folder if stage.adapter.tokenizer else None,
     }
 

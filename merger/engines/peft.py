@@ -183,7 +183,10 @@ def attach_adapter(model, plan: MergePlan):
     accounted = {k for k, use in plan.adapter_usage.items() if use == "evidence" or use.startswith(("duplicate of", "tied:"))}
     accounted |= {use.removeprefix("duplicate of ") for use in plan.adapter_usage.values() if use.startswith("duplicate of")}
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if ("default" in k or k in weights) and k not in accounted]
-    missing = [k for k in getattr(result, "missing_keys", []) if ".default" in k and ("lora_" in k or "trainable_tokens" in k or "modules_to_save" in k)]
+    from ..peft_types import tuner_prefix
+
+    trained = ("lora_", "trainable_tokens", "modules_to_save") + ((tuner_prefix(plan.adapter.peft_type),) if tuner_prefix(plan.adapter.peft_type) else ())
+    missing = [k for k in getattr(result, "missing_keys", []) if ".default" in k and any(t in k for t in trained)]
     if missing:  # a tied head's token adapter shares the embedding's values: not missing at all
         state = peft_model.state_dict(keep_vars=True)
         loaded = {id(state[k]) for k in state if k not in set(missing)}
