@@ -109,7 +109,7 @@ def _inspect(base, adapter, opts: MergeOptions, workspace: Workspace) -> MergePl
     plan = None
     adapter_dirs = convert_initialized(sources, adapter_dirs, opts, workspace)
     for number, (source, adapter_dir) in enumerate(zip(sources, adapter_dirs, strict=True), 1):
-        plan = _plan_stage(plan, base_dir, source, adapter_dir, opts, number, len(sources))
+        plan = _plan_stage(plan, base_dir, source, adapter_dir, opts, number, len(sources), workspace)
     if opts.tokenizer == "adapter" and len(sources) > 1 and not any(stage.adapter.tokenizer for stage in plan.stages):
         from .errors import IncompatibleError as _Incompatible
 
@@ -127,11 +127,11 @@ def adapter_sources(adapter) -> list:
 
 
 def convert_initialized(sources: list, adapter_dirs: list[Path], opts: MergeOptions, workspace: Workspace) -> list[Path]:
-    """With --initial-adapter, the one stage saved unconverted by a PiSSA-family init, converted (init_conversion.py)."""
+    """With --initial-adapter, the one stage saved unconverted by a PiSSA-family init, converted (adapter_conversion.py)."""
     if not opts.initial_adapter:
         return adapter_dirs
     from .adapter import read_adapter_config
-    from .init_conversion import convert_with_initial, mutating_init
+    from .adapter_conversion import convert_with_initial, mutating_init
 
     initial = resolve_folder(opts.initial_adapter, "initial_adapter")
     mutated = [i for i, folder in enumerate(adapter_dirs) if mutating_init(read_adapter_config(folder))]
@@ -161,7 +161,7 @@ def stage_folders(sources: list) -> list[Path]:
 
 
 def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir: Path, opts: MergeOptions,
-                number: int, count: int) -> MergePlan:
+                number: int, count: int, workspace: Workspace) -> MergePlan:
     """One stage's plan: on the base for the first, on the previous stage's output for the rest."""
     from .adapter import inspect_adapter_folder
     from .facts import embed_head_equal, non_finite_tensors
@@ -174,13 +174,16 @@ def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir:
         stage_opts = stage_opts.replace(residual_base=False)  # the residual is of the base: only the first stage's
     if previous is None:
         facts = gather_facts(base_dir, adapter_dir, opts.trust_remote_code, trainer_folder(source, adapter_dir))
-        adapter_facts, non_finite = facts.adapter, facts.non_finite
-        plan = plan_merge(facts.base, facts.adapter, facts.layout, stage_opts, facts.embed_head_equal)
+        base, adapter_facts, layout, non_finite, equal = facts.base, facts.adapter, facts.layout, facts.non_finite, facts.embed_head_equal
     else:
         adapter_facts = inspect_adapter_folder(adapter_dir, base_dir, trainer_folder(source, adapter_dir))
-        non_finite = non_finite_tensors(adapter_facts)
-        layout = next_layout(previous)
-        plan = plan_merge(stage_output(previous), adapter_facts, layout, stage_opts, embed_head_equal(adapter_facts, layout))
+        base, layout, non_finite = stage_output(previous), next_layout(previous), non_finite_tensors(adapter_facts)
+        equal = embed_head_equal(adapter_facts, layout)
+    drifted, drift_notes, drift_problems = _drift(adapter_facts, layout, source, base_dir, workspace)
+    if drifted is not adapter_facts:
+        adapter_facts, equal = drifted, embed_head_equal(drifted, layout)
+    plan = plan_merge(base, adapter_facts, layout, stage_opts, equal)
+    plan = dataclasses.replace(plan, notes=tuple(drift_notes) + plan.notes, problems=tuple(drift_problems) + plan.problems)
     if non_finite:  # first: nothing else about a diverged adapter matters
         names = ", ".join(non_finite[:3]) + (f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else "")
         problem = (f"{adapter_dir / adapter_facts.weights_file}: {names} hold NaN or Inf values (training diverged or the save "
@@ -194,6 +197,28 @@ def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir:
         plan = chain_stage(previous, plan, number)
         plan = dataclasses.replace(plan, problems=previous.problems + plan.problems, notes=previous.notes + plan.notes)
     return plan
+
+
+def _drift(adapter, layout, source, base_dir: Path, workspace: Workspace):
+    """The adapter as today's PEFT reads it (rewritten into scratch where an older PEFT saved it
+    otherwise), with what was done said, or the refusal (drift.py)."""
+    from .adapter import inspect_adapter_folder
+    from .adapter_conversion import regrouped_expert_adapter
+    from .drift import expert_orientation, version_label
+    from .plan_groups import parameter_lora_owner
+
+    owners = {k.key: owner for k in adapter.keys if (owner := parameter_lora_owner(k, layout, adapter.config))}
+    old, refusal = expert_orientation(adapter, layout, owners) if owners else ([], None)
+    if refusal:
+        return adapter, [], [refusal]
+    if not old:
+        return adapter, [], []
+    target = workspace.folder(f"{adapter.folder.name}-experts-regrouped")
+    regrouped_expert_adapter(adapter.folder, old, target, trainer_folder(source, adapter.folder))
+    note = (f"{adapter.folder}: {version_label(adapter.config)}: its LoRA on {len(old)} stacked expert parameters "
+            f"(e.g. {old[0].parameter}) is in the orientation PEFT before 0.19.1 saved (peft #3165), as their shapes show; "
+            "regrouped into today's orientation, the same update")
+    return inspect_adapter_folder(target, base_dir, trainer_folder(source, adapter.folder)), [note], []
 
 
 def choose_engine(plan: MergePlan) -> tuple[str, str]:

@@ -57,7 +57,8 @@ def _add_common(parser: argparse.ArgumentParser, config: bool = True) -> None:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
 
 
-def build_parser(command: str) -> argparse.ArgumentParser:
+def build_parser(command: str, config_given: bool = False) -> argparse.ArgumentParser:
+    """The parser of ``command``; with ``config_given``, --adapter may come from the config file instead."""
     prog = "merge-adapter" if command == "merge" else f"merge-adapter {command}"
     descriptions = {
         "merge": "Merge a PEFT LoRA adapter into its base model and write a validated checkpoint.",
@@ -78,6 +79,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command in ("merge", "inspect", "validate"):
         parser.add_argument("--base", metavar="BASE", help="base model folder or Hub id (default: the base_model_name_or_path recorded in the adapter)")
         parser.add_argument("--adapter", metavar="ADAPTER", action="append",
+                            required=command in ("merge", "inspect") and not config_given,
                             help="PEFT adapter folder or Hub id; repeat it for a pipeline's stages in training order "
                                  "(--adapter PT --adapter SFT --adapter DPO: each trained on the merge of those before it), "
                                  "merged in one pass" + (" (without it, validate checks only what serving engines "
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdin = open(os.devnull)
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "merge"
-    parser = build_parser(command)
+    parser = build_parser(command, config_given=any(a == "--config" or a.startswith("--config=") for a in argv))
     if argv and not argv[0].startswith("-") and command == "merge":
         parser.stray = argv[0]
     args = parser.parse_args(argv)

@@ -39,6 +39,10 @@ class ModuleMeta:
     kind: str  # "linear", "conv1d", "embedding" or "other"
     weight_shape: tuple[int, ...] | None  # as stored in the module (Conv1D: (in, out))
     has_bias: bool = False
+    # stacked experts stored (experts, in, out) rather than (experts, out, in) (transformers' is_transposed)
+    transposed: bool = False
+    # the value its forward multiplies the embedding by (Gemma 3's sqrt(hidden)); None when it has none
+    embed_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -54,9 +58,37 @@ class ModelLayout:
     parameters: frozenset = frozenset()  # model-namespace names of trainable parameters (not buffers)
     base_model_prefix: str = ""
     config_overrides: dict[str, Any] = field(default_factory=dict)
+    # transformers' renaming rules for this class (regex, replacement), in order: how older
+    # checkpoints and adapters named its modules (LLaVA before transformers 4.52: language_model.model.*)
+    key_renames: tuple[tuple[str, str], ...] = ()
 
     def to_checkpoint_key(self) -> dict[str, str]:
         return {v: k for k, v in self.to_model_key.items()}
+
+    def legacy_module(self, module: str) -> str | None:
+        """The module an older name refers to, by transformers' own renaming rules; None when none does."""
+        import re
+
+        key = module + ".weight"
+        for pattern, replacement in self.key_renames:
+            renamed = re.sub(pattern, replacement, key)
+            if renamed != key:
+                key = renamed
+        candidates = [key]
+        # rules anchored at a submodule's own names (CLIP's ^vision_model.) apply below that submodule's path
+        parts = key.split(".")
+        for i in range(1, len(parts) - 1):
+            head, tail = ".".join(parts[:i]), ".".join(parts[i:])
+            for pattern, replacement in self.key_renames:
+                if pattern.startswith("^") and re.match(pattern, tail):
+                    candidates.append(f"{head}.{re.sub(pattern, replacement, tail)}")
+        if self.base_model_prefix:
+            candidates += [f"{self.base_model_prefix}.{key}", key.removeprefix(self.base_model_prefix + ".")]
+        for candidate in candidates:
+            name = candidate[: -len(".weight")]
+            if candidate != module + ".weight" and name in self.modules:
+                return name
+        return None
 
 
 def choose_model_class(config: dict[str, Any], task_type: str | None, extra_head_rows: int | None,
@@ -143,7 +175,8 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
             kind = "conv1d"
         else:
             kind = "other"
-        modules[name] = ModuleMeta(kind, shape, bias)
+        modules[name] = ModuleMeta(kind, shape, bias, bool(getattr(module, "is_transposed", False)),
+                                   _embed_scale(module) if kind == "embedding" else None)
 
     names = {id(m): n for n, m in model.named_modules()}
     embed = model.get_input_embeddings()
@@ -157,7 +190,7 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
     to_model, problem = _map_checkpoint_keys(model, list(checkpoint_keys), state)
     return ModelLayout(type(model).__name__, modules, param_shapes, embed_name, head_name, tied, to_model,
                        key_layout_problem=problem, base_model_prefix=getattr(model, "base_model_prefix", "") or "",
-                       config_overrides=overrides,
+                       config_overrides=overrides, key_renames=_key_renames(model),
                        parameters=frozenset(name for name, _ in model.named_parameters(remove_duplicate=False)))
 
 
@@ -169,6 +202,44 @@ def _missing_code_files(folder: Path, auto_map: dict) -> list[str]:
             if isinstance(ref, str) and "--" not in ref and "." in ref:
                 names.append(ref.rsplit(".", 1)[0] + ".py")
     return sorted({n for n in names if not (folder / n).is_file()})
+
+
+def _embed_scale(module) -> float | None:
+    """The factor a scaled embedding (Gemma3TextScaledWordEmbedding) applies in its forward.
+
+    On the meta device its buffer holds no value; its classes compute it as sqrt(embedding_dim)
+    (checked against the class's own value in the tests), so a meta buffer is read as that.
+    """
+    import torch
+
+    scale = getattr(module, "embed_scale", None)
+    if scale is None:
+        return None
+    if isinstance(scale, (int, float)):
+        return float(scale)
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1:
+        if scale.device.type != "meta":
+            return float(scale)
+        return float(torch.tensor(float(module.embedding_dim) ** 0.5))  # a float32 buffer, as the classes hold it
+    return None
+
+
+def _key_renames(model) -> tuple[tuple[str, str], ...]:
+    """transformers' renaming rules for ``model`` as (regex, replacement) pairs; () when it has none."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        renames = []
+        for rule in get_model_conversion_mapping(model):
+            if isinstance(rule, WeightRenaming):
+                targets = list(rule.target_patterns)
+                for i, source in enumerate(rule.source_patterns):
+                    renames.append((source, targets[min(i, len(targets) - 1)]))
+        return tuple(renames)
+    except Exception as exc:  # an older or newer transformers
+        log.debug("no renaming rules (%s)", exc)
+        return ()
 
 
 def _map_checkpoint_keys(model, checkpoint_keys: list[str], state: dict) -> tuple[dict[str, str], str | None]:

@@ -61,6 +61,8 @@ class MergePlan:
     # modules another PEFT type adapts (LoHa, LoKr, IA3, OFT, ...): PEFT's merge_and_unload merges
     # them on the peft engine, and validation compares logits
     peft_merged: tuple[str, ...] = field(default=())
+    # adapter module names older transformers used -> this model's (plan_groups: transformers' renaming rules)
+    module_renames: tuple[tuple[str, str], ...] = field(default=())
     # embedding rows beyond vocab_size by the model's design (Mllama: 8); 0 for nearly every model
     embed_extra_rows: int = 0
     # of those, rows the merge appends because the adapter was trained without them (transformers'
@@ -144,6 +146,11 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     if options.residual_base and base_mutating_init_problem(adapter):
         notes.append(f"--residual-base: {base.folder} is taken to be the base that init_lora_weights="
                      f"{adapter.config.get('init_lora_weights')!r} rewrote when training started; the adapter is merged into it as it is")
+    if groups.renamed:
+        old, new = next(iter(groups.renamed.items()))
+        notes.append(f"{len(groups.renamed)} adapter modules carry the names older transformers gave {layout.class_name}'s modules "
+                     f"(e.g. {old} is now {new}; transformers < 4.52 named VLM modules so): mapped by transformers' own renaming "
+                     "rules")
     unmatched = unmatched_targets(adapter.config.get("target_modules"), layout)
     if unmatched:
         notes.append(f"target_modules entries that match nothing in the base: {', '.join(unmatched)}")
@@ -166,7 +173,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     return MergePlan(base, adapter, layout, options, vocab.embed, vocab.head, vocab.tie, dtype, tuple(ops),
                      config_edits(base, layout, vocab, dtype), tok_source, tok_reason, groups.usage, tuple(notes),
                      tuple(blockers), tuple(problems), tuple(sorted(groups.parameter_lora)), tuple(sorted(groups.peft_merged)),
-                     vocab.embed_extra, vocab.embed_design_pad)
+                     tuple(sorted(groups.renamed.items())), vocab.embed_extra, vocab.embed_design_pad)
 
 
 def adapter_problems(adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions) -> list[str]:

@@ -27,6 +27,7 @@ class AdapterGroups:
     parameter_lora: set[str] = field(default_factory=set)  # modules whose raw parameters carry LoRA
     peft_merged: set[str] = field(default_factory=set)  # modules adapted by another PEFT type (LoHa, IA3, ...)
     problems: list[str] = field(default_factory=list)
+    renamed: dict[str, str] = field(default_factory=dict)  # adapter module name -> model module (older transformers names)
 
     def roles(self, module: str | None) -> dict[str, str]:
         return self.by_module.get(module, {}) if module else {}
@@ -39,13 +40,17 @@ def resolve_module(layout: ModelLayout, module: str) -> str | None:
     mapped = layout.to_model_key.get(module + ".weight")
     if mapped and mapped.endswith(".weight"):
         return mapped[: -len(".weight")]
-    return None
+    return layout.legacy_module(module)
 
 
 def group_adapter_tensors(adapter: AdapterInfo, layout: ModelLayout) -> AdapterGroups:
     groups = AdapterGroups()
     absent: list[str] = []
     for key in adapter.keys:
+        if key.module and key.module not in layout.modules:
+            now = resolve_module(layout, key.module)
+            if now:
+                groups.renamed[key.module] = now
         if key.role == "shared":  # one tensor every module of the type uses (VeRA's projections)
             groups.usage[key.key] = f"shared by every {adapter.peft_type} module (merged by PEFT)"
             continue

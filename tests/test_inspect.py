@@ -11,7 +11,7 @@ from merger.demo import build_demo_pair
 SCHEMA_KEYS = {
     "schema_version", "base", "adapter", "model_class", "adapter_type", "embed", "head", "added_tokens",
     "tie_word_embeddings", "dtype", "operations", "lora_modules", "config_edits", "tokenizer", "notes",
-    "stream_blockers", "problems", "outputs", "estimates",
+    "stream_blockers", "problems", "outputs", "estimates", "peft_type", "modules_merged_by_peft", "stages",
 }
 SIDE_KEYS = {"rows", "base_rows", "tokenizer_len", "source", "story", "untrained_new_rows", "padding_rows"}
 

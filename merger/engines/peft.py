@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..errors import CheckpointError, IncompatibleError, UnsupportedError
 from ..inputs import require_confined
+from ..keys import PEFT_PREFIX
 from ..lora import grow_rows
 from ..options import parse_max_memory, parse_size
 from ..plan import MergePlan
@@ -175,8 +176,11 @@ def attach_adapter(model, plan: MergePlan):
         # the weights are loaded next: a PiSSA/OLoRA/CorDA init would first rewrite the base again (an
         # unconverted adapter is refused or its base is the rewritten one, --residual-base), or need data
         config.init_lora_weights = True
-    peft_model = PeftModel(model, config)
     weights = load_peft_weights(folder, device="cpu")
+    if plan.module_renames:  # saved with older transformers' module names: PEFT finds them under today's
+        weights = renamed_weights(weights, dict(plan.module_renames))
+        config.target_modules = sorted({k[len(PEFT_PREFIX):].split(".lora_")[0] for k in weights if ".lora_A" in k or ".lora_embedding_A" in k})
+    peft_model = PeftModel(model, config)
     result = set_peft_model_state_dict(peft_model, weights)
     # copies the plan already accounted for (save_embedding_layers' duplicates, original modules,
     # a tied head's copies of the embedding's tensors) are expected to find no slot of their own
@@ -197,6 +201,19 @@ def attach_adapter(model, plan: MergePlan):
             "the adapter does not match this base"
         )
     return peft_model.eval()  # new LoRA layers start in training mode: dropout would randomise the reference
+
+
+def renamed_weights(weights: dict, renames: dict[str, str]) -> dict:
+    """Adapter tensors with their modules' older names replaced by the model's."""
+    from ..keys import parse_adapter_key
+
+    out = {}
+    for key, value in weights.items():
+        parsed = parse_adapter_key(key)
+        if parsed and parsed.module in renames and key.startswith(PEFT_PREFIX + parsed.module):
+            key = PEFT_PREFIX + renames[parsed.module] + key[len(PEFT_PREFIX + parsed.module):]
+        out[key] = value
+    return out
 
 
 def merge_stages(model, stages: list[MergePlan]):

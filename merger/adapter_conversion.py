@@ -1,4 +1,7 @@
-"""PEFT's conversion of a PiSSA-family adapter, from the initial adapter saved before training.
+"""Saved adapters rewritten into the form today's PEFT reads, in a scratch folder: everything after
+(plan, engines, validation through PEFT) then sees an ordinary adapter.
+
+PEFT's conversion of a PiSSA-family adapter, from the initial adapter saved before training:
 
 PiSSA, OLoRA, CorDA, LoRA-GA and LoftQ start training from ``W = W_res + s·B0·A0`` and leave
 the base rewritten to ``W_res``. The trained adapter (A, B) fits only ``W_res``; against the
@@ -79,7 +82,6 @@ def convert_with_initial(adapter_dir: Path, initial_dir: Path, target: Path, tok
     trainer folder's tokenizer (``tokenizer_dir``) when the adapter folder has none.
     """
     import torch
-    from safetensors.torch import save_file
 
     from .adapter import read_adapter_config, read_adapter_tensors
     from .engines.stream import open_tensors
@@ -112,11 +114,21 @@ def convert_with_initial(adapter_dir: Path, initial_dir: Path, target: Path, tok
     finally:
         trained_reader.close()
         initial_reader.close()
+    return write_adapter(adapter_dir, trained_file, state, converted_config(config), target, tokenizer_dir)
+
+
+def write_adapter(adapter_dir: Path, weights_file: str, state: dict, config: dict, target: Path,
+                  tokenizer_dir: Path | None = None) -> Path:
+    """``target``: an adapter folder with ``state`` as its weights and ``config`` as its config, and
+    every other file of ``adapter_dir`` (tokenizer, generation config) beside them; the trainer
+    folder's tokenizer (``tokenizer_dir``) when the adapter folder has none."""
+    from safetensors.torch import save_file
+
     target.mkdir(parents=True)
     save_file(state, str(target / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (target / ADAPTER_CONFIG).write_text(json.dumps(converted_config(config), indent=2))
+    (target / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
     for path in input_files(adapter_dir, "adapter folder"):
-        if path.name not in (ADAPTER_CONFIG, trained_file):
+        if path.name not in (ADAPTER_CONFIG, weights_file):
             copy_input_file(adapter_dir, path.name, target, "adapter folder")
     if tokenizer_dir is not None and not any((target / n).exists() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         from .tokenizer_facts import tokenizer_files_in
@@ -125,3 +137,22 @@ def convert_with_initial(adapter_dir: Path, initial_dir: Path, target: Path, tok
             if (tokenizer_dir / name).is_file() and not (target / name).exists():
                 copy_input_file(tokenizer_dir, name, target, "trainer folder")
     return target
+
+
+def regrouped_expert_adapter(adapter_dir: Path, pairs, target: Path, tokenizer_dir: Path | None = None) -> Path:
+    """The adapter with its expert LoRA pairs saved in PEFT < 0.19.1's orientation turned into today's
+    (drift.regroup_expert_pair); every other tensor as it was."""
+    from .adapter import read_adapter_config, read_adapter_tensors
+    from .drift import regroup_expert_pair
+    from .engines.stream import open_tensors
+
+    config = read_adapter_config(adapter_dir)
+    weights_file, metas = read_adapter_tensors(adapter_dir)
+    reader = open_tensors(adapter_dir, weights_file, metas)
+    try:
+        state = {key: reader.read(key).contiguous() for key in metas}
+    finally:
+        reader.close()
+    for pair in pairs:
+        state[pair.a_key], state[pair.b_key] = regroup_expert_pair(state[pair.a_key], state[pair.b_key], pair.experts)
+    return write_adapter(adapter_dir, weights_file, state, config, target, tokenizer_dir)

@@ -1,0 +1,119 @@
+"""Version drift: adapters whose tensors mean something else under the PEFT that merges them.
+
+Each known drift is detected from the adapter's recorded ``peft_version`` (PEFT writes it since
+0.18; an adapter without it was saved by an older PEFT) and the model's own shapes, then
+handled, and said, or refused by name. Pure: facts in, decisions out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .adapter import AdapterInfo
+from .layout import ModelLayout
+
+PEFT_WITH_VERSION = (0, 18, 0)  # the first PEFT that records peft_version in adapter_config.json
+
+
+def peft_version(config: dict) -> tuple[int, int, int] | None:
+    """The PEFT version that saved the adapter; None when it did not record one (PEFT < 0.18)."""
+    match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", str(config.get("peft_version") or ""))
+    if not match:
+        return None
+    return int(match.group(1)), int(match.group(2)), int(match.group(3) or 0)
+
+
+def saved_before(config: dict, version: tuple[int, int, int]) -> bool:
+    found = peft_version(config)
+    return found is None or found < version
+
+
+def version_label(config: dict) -> str:
+    return f"peft_version {config['peft_version']}" if config.get("peft_version") else "no peft_version (PEFT < 0.18)"
+
+
+# ------------------------------------------------------------------ LoRA on stacked expert parameters
+
+# PEFT before 0.19.1 gave a LoRA on a 3-D expert parameter (experts, d1, d2) the other orientation
+# than PEFT does since (peft #3165): 0.17-0.18 read d1 as the input for every layout, 0.19.0 swapped
+# exactly when the experts are stored (experts, in, out). Today's PEFT takes the input from the
+# layout. The two orientations hold the same update with A and B exchanged (and regrouped, since
+# PEFT stacks A expert-major and B rank-major); measured exact against PEFT 0.18.0 and 0.19.0.
+EXPERT_ORIENTATION_FIXED = (0, 19, 1)
+
+
+@dataclass(frozen=True)
+class ExpertPair:
+    a_key: str
+    b_key: str
+    experts: int
+    parameter: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
+
+
+def expert_pairs(adapter: AdapterInfo, layout: ModelLayout, owners: dict[str, str]) -> list[ExpertPair]:
+    """The adapter's LoRA pairs on 3-D expert parameters, each with the parameter it adapts.
+
+    PEFT nests one wrapper per targeted parameter of a module, the first listed innermost, so a
+    pair's count of ``base_layer`` tells which parameter it belongs to. ``owners`` maps adapter
+    keys to the module owning the parameter (plan_groups.parameter_lora_owner).
+    """
+    targets = list(adapter.config.get("target_parameters") or [])
+    by_pair: dict[tuple[str, int], dict[str, str]] = {}
+    for key in adapter.keys:
+        module = owners.get(key.key)
+        if module is None:
+            continue
+        depth = key.module.count(".base_layer")
+        by_pair.setdefault((module, depth), {})[key.role] = key.key
+    pairs = []
+    for (module, depth), roles in sorted(by_pair.items()):
+        if "lora_A" not in roles or "lora_B" not in roles:
+            continue
+        params = [f"{module}.{t.rsplit('.', 1)[-1]}" for t in targets
+                  if f"{module}.{t.rsplit('.', 1)[-1]}" in layout.param_shapes and (module.endswith("." + t.rsplit(".", 1)[0]) or "." not in t)]
+        params = list(dict.fromkeys(params))
+        index = len(params) - 1 - depth
+        if not 0 <= index < len(params):
+            continue
+        shape = layout.param_shapes[params[index]]
+        if len(shape) == 3:
+            pairs.append(ExpertPair(roles["lora_A"], roles["lora_B"], shape[0], params[index]))
+    return pairs
+
+
+def expert_orientation(adapter: AdapterInfo, layout: ModelLayout, owners: dict[str, str]) -> tuple[list[ExpertPair], str | None]:
+    """(pairs saved in the old orientation, to be regrouped; a refusal), from shapes and the version."""
+    old, ambiguous = [], []
+    for pair in expert_pairs(adapter, layout, owners):
+        experts, d1, d2 = layout.param_shapes[pair.parameter]
+        module = pair.parameter.rsplit(".", 1)[0]
+        meta = layout.modules.get(module)
+        in_now, out_now = (d1, d2) if meta is not None and meta.transposed else (d2, d1)
+        a_cols, b_rows = adapter.tensors[pair.a_key].shape[1], adapter.tensors[pair.b_key].shape[0]
+        if (a_cols, b_rows) == (in_now, out_now) and in_now != out_now:
+            continue  # today's orientation, proven by the shapes
+        if (a_cols, b_rows) == (out_now, in_now) and in_now != out_now:
+            old.append(pair)
+        elif in_now == out_now and saved_before(adapter.config, EXPERT_ORIENTATION_FIXED):
+            ambiguous.append(pair)
+    if ambiguous:
+        return [], (f"{adapter.folder / 'adapter_config.json'}: {version_label(adapter.config)}, and LoRA on "
+                    f"{ambiguous[0].parameter} ({len(ambiguous)} expert parameters in all): PEFT before 0.19.1 saved LoRA on "
+                    "stacked experts in the other orientation (peft #3165), and these experts are square, so the shapes "
+                    "cannot tell which this adapter has; re-save it with PEFT >= 0.19.1 from the training checkpoint")
+    return old, None
+
+
+def regroup_expert_pair(a, b, experts: int):
+    """The other orientation of one expert LoRA pair: A (E·r, x), B (y, r·E) -> A' (E·r, y), B' (x, r·E).
+
+    The same update either way: ΔW_e = Σ_r A[e, r, :] ⊗ B[:, r, e] read with in and out exchanged.
+    Its own inverse.
+    """
+    er, x = a.shape
+    y = b.shape[0]
+    rank = er // experts
+    new_a = b.reshape(y, rank, experts).permute(2, 1, 0).reshape(experts * rank, y).contiguous()
+    new_b = a.reshape(experts, rank, x).permute(2, 1, 0).reshape(x, rank * experts).contiguous()
+    return new_a, new_b
