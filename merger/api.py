@@ -226,6 +226,11 @@ def choose_engine(plan: MergePlan) -> tuple[str, str]:
 
     requested = plan.options.engine
     blockers = stream_blockers(plan)
+    if plan.peft_blockers and (requested == "peft" or blockers):
+        from .errors import UnsupportedError
+
+        also = f"; and the stream engine cannot run it ({'; '.join(blockers)})" if blockers else "; use --engine stream or auto"
+        raise UnsupportedError(f"--engine peft cannot run this merge ({'; '.join(plan.peft_blockers)}){also}")
     if requested == "peft":
         return "peft", "asked for with --engine peft"
     if requested == "stream":

@@ -117,3 +117,64 @@ def regroup_expert_pair(a, b, experts: int):
     new_a = b.reshape(y, rank, experts).permute(2, 1, 0).reshape(experts * rank, y).contiguous()
     new_b = a.reshape(experts, rank, x).permute(2, 1, 0).reshape(x, rank * experts).contiguous()
     return new_a, new_b
+
+
+# ------------------------------------------------------- scaled embeddings (Gemma 3) before PEFT 0.18
+
+# Gemma 3's embedding multiplies its output by sqrt(hidden) in its forward. PEFT before 0.18
+# (peft #2809, fixed by #2825) added a LoRA embedding's update after that scaling, unscaled, and
+# computed trainable tokens with F.embedding, skipping the scaling for every token. The trained
+# model is reproduced by folding the missing 1/scale into the weights: the LoRA update divided by
+# the scale; with trainable tokens the whole embedding divided by it, the (tied) head keeping the
+# unscaled matrix it was trained with. Measured exact against PEFT 0.17.1.
+SCALED_EMBEDDING_FIXED = (0, 18, 0)
+
+
+@dataclass(frozen=True)
+class ScaledEmbeddingDrift:
+    scale: float  # the embedding's forward factor, in the output dtype
+    kind: str  # "lora": the LoRA update went in unscaled; "tokens": the whole embedding did
+
+    def note(self, adapter: AdapterInfo, module: str) -> str:
+        what = ("its LoRA update on the embedding was trained unscaled, so it is merged divided by the scale"
+                if self.kind == "lora" else
+                "its trainable tokens made the embedding skip the scaling for every token, so the embedding is written "
+                "divided by the scale and the head keeps the unscaled matrix it was trained with (untied)")
+        return (f"{adapter.folder}: {version_label(adapter.config)}: {module} scales its output by {self.scale:g} and PEFT "
+                f"before 0.18 ignored that (peft #2809/#2825): {what}; the merge reproduces the model as trained "
+                "(the stream engine writes it; PEFT today would not)")
+
+
+def scaled_embedding_drift(adapter: AdapterInfo, layout: ModelLayout, roles: dict[str, str], dtype: str):
+    """(the drift, or None; a refusal, or None) for the embedding's adapter tensors ``roles``."""
+    meta = layout.modules.get(layout.embed_module) if layout.embed_module else None
+    if meta is None or not meta.embed_scale or meta.embed_scale == 1.0:
+        return None, None
+    if not saved_before(adapter.config, SCALED_EMBEDDING_FIXED):
+        return None, None
+    lora = "lora_embedding_A" in roles
+    tokens = "trainable_tokens" in roles
+    if lora and tokens:
+        return None, (f"{adapter.folder}: {version_label(adapter.config)}: LoRA and trainable tokens on the scaled embedding "
+                      f"{layout.embed_module} together, which PEFT before 0.18 computed in a way merger does not reproduce; "
+                      "merge it with the PEFT version that trained it")
+    if not (lora or tokens):
+        return None, None
+    if "lora_magnitude" in roles:
+        return None, (f"{adapter.folder}: {version_label(adapter.config)}: DoRA on the scaled embedding {layout.embed_module}, "
+                      "which PEFT before 0.18 scaled differently; merge it with the PEFT version that trained it")
+    return ScaledEmbeddingDrift(round_to_dtype(meta.embed_scale, dtype), "lora" if lora else "tokens"), None
+
+
+def round_to_dtype(value: float, dtype: str) -> float:
+    """``value`` as a tensor of ``dtype`` holds it (the forward casts the scale to the weights' dtype)."""
+    import struct
+
+    single = struct.unpack("<f", struct.pack("<f", value))[0]
+    if dtype == "float16":
+        return struct.unpack("<e", struct.pack("<e", single))[0]
+    if dtype == "bfloat16":  # the top 16 bits of the float32, rounded to nearest even
+        bits = struct.unpack("<I", struct.pack("<f", single))[0]
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return struct.unpack("<f", struct.pack("<I", bits))[0]
+    return single

@@ -31,6 +31,7 @@ from .plan_rules import (
     serving_config_edits,
     unmatched_targets,
 )
+from .drift import scaled_embedding_drift
 from .plan_vocab import VocabularyPlan, decide_vocabulary
 from .vocab import VocabDecision
 
@@ -63,6 +64,9 @@ class MergePlan:
     peft_merged: tuple[str, ...] = field(default=())
     # adapter module names older transformers used -> this model's (plan_groups: transformers' renaming rules)
     module_renames: tuple[tuple[str, str], ...] = field(default=())
+    # an older PEFT trained the scaled embedding without its factor (drift.ScaledEmbeddingDrift): the
+    # stream engine reproduces that model, PEFT today would merge another, and validation emulates it
+    embedding_drift: object | None = None
     # embedding rows beyond vocab_size by the model's design (Mllama: 8); 0 for nearly every model
     embed_extra_rows: int = 0
     # of those, rows the merge appends because the adapter was trained without them (transformers'
@@ -82,6 +86,13 @@ class MergePlan:
             chain.append(plan)
             plan = plan.previous
         return chain[::-1]
+
+    @property
+    def peft_blockers(self) -> list[str]:
+        """Why the peft engine cannot run this plan: it would merge what today's PEFT computes, not what was trained."""
+        return [f"stage {i}: {stage.adapter.folder} was trained by PEFT < 0.18 on a scaled embedding, which today's PEFT "
+                "computes otherwise; the stream engine reproduces the trained model"
+                for i, stage in enumerate(self.stages, 1) if stage.embedding_drift is not None]
 
     @property
     def merged_by_peft(self) -> bool:
@@ -131,9 +142,14 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     quantized = quantization_problem(base, adapter)
     problems.extend([quantized] if quantized else base_shape_problems(base, layout))
 
-    vocab = decide_vocabulary(base, adapter, layout, groups, options, embed_head_equal)
+    dtype = base.dtype if options.dtype == "auto" else options.dtype
+    drift, drift_problem = scaled_embedding_drift(adapter, layout, groups.roles(layout.embed_module), dtype)
+    if drift_problem:
+        problems.append(drift_problem)
+    untie = "the head keeps the unscaled matrix it was trained with" if drift and drift.kind == "tokens" else None
+    vocab = decide_vocabulary(base, adapter, layout, groups, options, embed_head_equal, untie)
     problems.extend(vocab.problems)
-    builder = OpBuilder(base, adapter, layout, groups, vocab)
+    builder = OpBuilder(base, adapter, layout, groups, vocab, drift)
     ops = builder.build()
     problems.extend(builder.problems)
     unused = unused_adapter_tensors(adapter, groups.usage)
@@ -141,8 +157,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
         problems.append(f"adapter tensors that would not be used: {', '.join(unused[:6])}{' ...' if len(unused) > 6 else ''}; "
                         "merger refuses to drop them")
 
-    dtype = base.dtype if options.dtype == "auto" else options.dtype
     notes = list(adapter.warnings) + list(vocab.notes)
+    if drift:
+        notes.append(drift.note(adapter, layout.embed_module))
     if options.residual_base and base_mutating_init_problem(adapter):
         notes.append(f"--residual-base: {base.folder} is taken to be the base that init_lora_weights="
                      f"{adapter.config.get('init_lora_weights')!r} rewrote when training started; the adapter is merged into it as it is")
@@ -173,7 +190,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     return MergePlan(base, adapter, layout, options, vocab.embed, vocab.head, vocab.tie, dtype, tuple(ops),
                      config_edits(base, layout, vocab, dtype), tok_source, tok_reason, groups.usage, tuple(notes),
                      tuple(blockers), tuple(problems), tuple(sorted(groups.parameter_lora)), tuple(sorted(groups.peft_merged)),
-                     tuple(sorted(groups.renamed.items())), vocab.embed_extra, vocab.embed_design_pad)
+                     tuple(sorted(groups.renamed.items())), drift, vocab.embed_extra, vocab.embed_design_pad)
 
 
 def adapter_problems(adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions) -> list[str]:

@@ -45,6 +45,9 @@ class TensorOp:
     # merged by PEFT itself: LoRA on this raw parameter (MergePlan.parameter_lora) or another PEFT
     # type's module (MergePlan.peft_merged)
     merged_by_peft: bool = False
+    # the result multiplied by this last (before the cast): reproduces an older PEFT that skipped a
+    # scaled embedding's factor in training (drift.ScaledEmbeddingDrift)
+    multiply: float = 1.0
 
     @property
     def parameter_lora(self) -> bool:  # the name before other PEFT types were merged
@@ -67,8 +70,9 @@ class OpBuilder:
     """Builds the ops of one merge; collects problems and the adapter tensors' usage as it goes."""
 
     def __init__(self, base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-                 vocab: VocabularyPlan):
+                 vocab: VocabularyPlan, drift=None):
         self.base, self.adapter, self.layout, self.groups, self.vocab = base, adapter, layout, groups, vocab
+        self.drift = drift  # drift.ScaledEmbeddingDrift, or None
         self.usage = groups.usage
         self.problems: list[str] = []
         self.ops: list[TensorOp] = []
@@ -116,6 +120,10 @@ class OpBuilder:
                 # or the original module (with its resized rows) that the adapter saved
                 op = replace(op, replace_key=shared, grow_from_rows=None,
                              shape=(self.adapter.tensors[shared].shape[0],) + tuple(op.shape[1:]))
+            if self.drift is not None and self.drift.kind == "tokens" and "trainable_tokens" in embed_roles:
+                # trained tied: the head computed with the embedding's token rows, unscaled
+                op = replace(op, token_rows_key=embed_roles["trainable_tokens"],
+                             token_indices=token_indices(self.adapter.config, layout.embed_module) or ())
             self.add(op)
         elif head_roles:
             # tied and staying tied: the head's own copies are the embedding's, accounted there
@@ -184,8 +192,14 @@ class OpBuilder:
             lora = self.lora_for(module, roles, rows) if module else None
         elif "lora_B_bias" in roles:
             self.problems.append(f"{roles['lora_B_bias']}: LoRA bias (lora_bias=True) is not supported yet")
+        multiply = 1.0
+        if self.drift is not None and module == self.layout.embed_module and param == "weight":
+            if self.drift.kind == "lora" and lora is not None:
+                lora = replace(lora, scale=lora.scale / self.drift.scale)
+            elif self.drift.kind == "tokens":
+                multiply = 1.0 / self.drift.scale
         return TensorOp(out_key, shape, base_key, replace_key, grow_from, token_key, tuple(indices), lora,
-                        cast=base_key is None or self.base.tensors[base_key].dtype in FLOAT_TAGS)
+                        cast=base_key is None or self.base.tensors[base_key].dtype in FLOAT_TAGS, multiply=multiply)
 
     def lora_for(self, module: str, roles: dict[str, str], target_rows: int | None) -> LoraDelta | None:
         adapter, config = self.adapter, self.adapter.config

@@ -71,7 +71,8 @@ def base_rows(base: CheckpointInfo, layout: ModelLayout) -> tuple[int | None, in
 
 
 def decide_vocabulary(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-                      options: MergeOptions, embed_head_equal: bool | None) -> VocabularyPlan:
+                      options: MergeOptions, embed_head_equal: bool | None, untie: str | None = None) -> VocabularyPlan:
+    """``untie``: why the output must untie a tied base whatever the adapter changes (a drift), or None."""
     embed_mod, head_mod = layout.embed_module, layout.head_module
     embed_w = f"{embed_mod}.weight" if embed_mod else None
     head_w = f"{head_mod}.weight" if head_mod else None
@@ -131,6 +132,9 @@ def decide_vocabulary(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelL
             )
 
     tie, tie_notes = decide_tie(adapter, layout, groups, embed_head_equal)
+    if untie and tie and layout.tied:
+        tie, tie_notes = False, [f"{layout.head_module} and {module_leaf(layout.embed_module)} were tied in the base; the "
+                                 f"output is untied: {untie}"]
     if tie and head is not None and embed is not None:
         # a tied head is the embedding: its rows, trained or not, are the embedding's
         head = VocabDecision(head.name, head.base_rows, embed.rows, tok_len, "tied",

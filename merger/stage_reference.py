@@ -26,7 +26,7 @@ class ComputedStage:
     def exact(self, key: str) -> bool:
         """True when the tensor is the base's own bytes through every stage (a copy, cast aside)."""
         op = self.ops[key]
-        if op.lora or op.token_rows_key or op.replace_key or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
+        if op.lora or op.token_rows_key or op.replace_key or op.multiply != 1.0 or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
             return False
         return not isinstance(self.source, ComputedStage) or self.source.exact(op.base_key)
 
@@ -53,6 +53,8 @@ class ComputedStage:
                 weight = dora_weight(weight, delta, self.adapter.read(op.lora.magnitude_key), fan_in_fan_out=conv)
             else:
                 weight = weight + delta
+        if op.multiply != 1.0:
+            weight = weight * op.multiply
         return weight.to(torch.float32)
 
     def close(self) -> None:

@@ -159,3 +159,85 @@ def test_square_experts_from_an_old_peft_are_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "peft_version 0.19.0" in err and "peft #3165" in err and "square" in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+# ------------------------------------------- Gemma 3's scaled embedding trained by PEFT < 0.18
+
+
+def build_gemma3_old_peft(root, kind: str, version: str | None):
+    """A tiny Gemma 3 and an adapter trained as PEFT < 0.18 trained it: its layers did not apply the
+    embedding's sqrt(hidden) factor (peft #2809). Emulated by hiding the factor from today's PEFT;
+    checked against PEFT 0.17.1 itself (its saved adapters and trained logits match exactly)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from merger.engines.peft import emulate_unscaled_embedding
+
+    from .factories import make_tokenizer
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8)
+    Gemma3ForCausalLM(config).save_pretrained(root / "base")
+    make_tokenizer(64).save_pretrained(root / "base")
+    model = Gemma3ForCausalLM.from_pretrained(root / "base")
+    lora = (LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]) if kind == "lora" else
+            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 7, 60]))
+    peft_model = get_peft_model(model, lora)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, param in sorted(peft_model.named_parameters()):
+            if param.requires_grad:
+                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    peft_model.eval()
+    ids = torch.tensor([[1, 3, 7, 9, 17, 33, 60]])
+    with torch.no_grad():
+        today = peft_model(input_ids=ids).logits
+        emulate_unscaled_embedding(peft_model)
+        trained = peft_model(input_ids=ids).logits
+    peft_model.save_pretrained(root / "adapter")
+    config = json.loads((root / "adapter" / "adapter_config.json").read_text())
+    if version:
+        config["peft_version"] = version
+    else:
+        config.pop("peft_version", None)
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    assert (today - trained).abs().max() > 1e-2 * trained.abs().max()  # the drift matters in this scenario
+    return ids, trained
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["lora", "tokens"])
+def test_gemma3_adapters_of_peft_before_0_18_merge_as_trained(tmp_path, kind):
+    from transformers import Gemma3ForCausalLM
+
+    from merger import merge_adapter
+
+    ids, trained = build_gemma3_old_peft(tmp_path, kind, "0.17.1")
+    out = tmp_path / "out"
+    result = merge_adapter(tmp_path / "base", tmp_path / "adapter", out, validate="full", quiet=True)
+    assert result.engine == "stream" and result.validation.ok, result.validation.findings
+    assert any("peft #2809/#2825" in n for n in result.plan.notes)
+    assert result.plan.tie_word_embeddings is False  # both untie: LoRA on the embedding, and tokens by the drift
+    with torch.no_grad():
+        got = Gemma3ForCausalLM.from_pretrained(out).eval()(input_ids=ids).logits
+    assert ((got - trained).abs().max() / trained.abs().max()).item() < FP32_TOL
+
+
+def test_gemma3_drift_refuses_the_peft_engine(tmp_path, capsys):
+    from merger.cli import main
+
+    build_gemma3_old_peft(tmp_path, "tokens", None)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["--base", str(tmp_path / "base"), "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--engine", "peft"]) == 2
+    err = capsys.readouterr().err
+    assert "--engine peft cannot run this merge" in err and "PEFT < 0.18" in err and err.count("\n") == 1, err
+
+
+def test_gemma3_adapters_of_peft_0_18_are_not_touched(tmp_path):
+    from merger import inspect_adapter
+
+    build_gemma3_old_peft(tmp_path, "lora", "0.18.0")
+    plan = inspect_adapter(tmp_path / "base", tmp_path / "adapter")
+    assert plan.embedding_drift is None and not any("peft #2809" in n for n in plan.notes)

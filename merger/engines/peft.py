@@ -200,7 +200,19 @@ def attach_adapter(model, plan: MergePlan):
             f"PEFT could not place every adapter tensor: unexpected {unexpected[:4]}, missing {missing[:4]}; "
             "the adapter does not match this base"
         )
+    if plan.embedding_drift is not None:
+        emulate_unscaled_embedding(peft_model)
     return peft_model.eval()  # new LoRA layers start in training mode: dropout would randomise the reference
+
+
+def emulate_unscaled_embedding(peft_model) -> None:
+    """PEFT before 0.18 as it trained (drift.ScaledEmbeddingDrift): its layers did not know a scaled
+    embedding's factor, which today's PEFT reads through ``_get_embed_scale``."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module._get_embed_scale = lambda: None
 
 
 def renamed_weights(weights: dict, renames: dict[str, str]) -> dict:

@@ -326,6 +326,8 @@ class OpRunner:
                 work[row - i].copy_(values)
         if prepared.lora is not None:
             self._apply_lora(work, op, prepared.lora, i, j)
+        if op.multiply != 1.0:
+            work.mul_(op.multiply)
         return work
 
     def _fill_row(self, source, key, src_rows, rest):
@@ -391,7 +393,7 @@ class _Prepared:
 
 def is_plain(op: TensorOp, src_rows: int) -> bool:
     """The op copies its start unchanged (a cast aside)."""
-    return not (op.lora or op.token_rows_key) and op.shape[0] <= src_rows
+    return not (op.lora or op.token_rows_key) and op.multiply == 1.0 and op.shape[0] <= src_rows
 
 
 class StageTensors:
