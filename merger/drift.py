@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .adapter import AdapterInfo
 from .layout import ModelLayout
+from .plan_experts import ExpertPair, expert_pairs
 
 PEFT_WITH_VERSION = (0, 18, 0)  # the first PEFT that records peft_version in adapter_config.json
 
@@ -41,45 +42,6 @@ def version_label(config: dict) -> str:
 # layout. The two orientations hold the same update with A and B exchanged (and regrouped, since
 # PEFT stacks A expert-major and B rank-major); measured exact against PEFT 0.18.0 and 0.19.0.
 EXPERT_ORIENTATION_FIXED = (0, 19, 1)
-
-
-@dataclass(frozen=True)
-class ExpertPair:
-    a_key: str
-    b_key: str
-    experts: int
-    parameter: str  # the model parameter, e.g. model.layers.0.mlp.experts.gate_up_proj
-
-
-def expert_pairs(adapter: AdapterInfo, layout: ModelLayout, owners: dict[str, str]) -> list[ExpertPair]:
-    """The adapter's LoRA pairs on 3-D expert parameters, each with the parameter it adapts.
-
-    PEFT nests one wrapper per targeted parameter of a module, the first listed innermost, so a
-    pair's count of ``base_layer`` tells which parameter it belongs to. ``owners`` maps adapter
-    keys to the module owning the parameter (plan_groups.parameter_lora_owner).
-    """
-    targets = list(adapter.config.get("target_parameters") or [])
-    by_pair: dict[tuple[str, int], dict[str, str]] = {}
-    for key in adapter.keys:
-        module = owners.get(key.key)
-        if module is None:
-            continue
-        depth = key.module.count(".base_layer")
-        by_pair.setdefault((module, depth), {})[key.role] = key.key
-    pairs = []
-    for (module, depth), roles in sorted(by_pair.items()):
-        if "lora_A" not in roles or "lora_B" not in roles:
-            continue
-        params = [f"{module}.{t.rsplit('.', 1)[-1]}" for t in targets
-                  if f"{module}.{t.rsplit('.', 1)[-1]}" in layout.param_shapes and (module.endswith("." + t.rsplit(".", 1)[0]) or "." not in t)]
-        params = list(dict.fromkeys(params))
-        index = len(params) - 1 - depth
-        if not 0 <= index < len(params):
-            continue
-        shape = layout.param_shapes[params[index]]
-        if len(shape) == 3:
-            pairs.append(ExpertPair(roles["lora_A"], roles["lora_B"], shape[0], params[index]))
-    return pairs
 
 
 def expert_orientation(adapter: AdapterInfo, layout: ModelLayout, owners: dict[str, str]) -> tuple[list[ExpertPair], str | None]:

@@ -46,6 +46,29 @@ class ModuleMeta:
 
 
 @dataclass(frozen=True)
+class ExpertFusion:
+    """transformers' rule that stacks per-expert checkpoint tensors into one parameter on load
+    (Qwen3-MoE: experts.*.gate_proj + experts.*.up_proj -> experts.gate_up_proj (E, 2·inter, hidden)):
+    each source stacked over experts on dim 0, the sources concatenated on ``concat_dim`` (of the
+    stacked tensor) when there are several."""
+
+    sources: tuple[str, ...]  # e.g. ("mlp.experts.*.gate_proj.weight", "mlp.experts.*.up_proj.weight")
+    target: str  # e.g. "mlp.experts.gate_up_proj"
+    concat_dim: int | None = None
+
+    def match(self, key: str) -> tuple[str, int, int] | None:
+        """(parameter, expert, source index) of a checkpoint key this rule stacks, or None."""
+        import re
+
+        for index, source in enumerate(self.sources):
+            pattern = "(.*?)" + re.escape(source).replace(r"\*", r"(\d+)") + "$"
+            found = re.match(pattern, key)
+            if found and (not found.group(1) or found.group(1).endswith(".") or source.startswith(".")):
+                return found.group(1) + self.target, int(found.group(2)), index
+        return None
+
+
+@dataclass(frozen=True)
 class ModelLayout:
     class_name: str
     modules: dict[str, ModuleMeta]
@@ -61,6 +84,26 @@ class ModelLayout:
     # transformers' renaming rules for this class (regex, replacement), in order: how older
     # checkpoints and adapters named its modules (LLaVA before transformers 4.52: language_model.model.*)
     key_renames: tuple[tuple[str, str], ...] = ()
+    expert_fusions: tuple[ExpertFusion, ...] = ()
+
+    def expert_source(self, key: str) -> tuple[str, int, int, ExpertFusion] | None:
+        """(parameter, expert, source index, rule) of a per-expert checkpoint key transformers stacks
+        (after its renaming rules: Mixtral's checkpoints say block_sparse_moe where the model says mlp)."""
+        import re
+
+        if not self.expert_fusions:
+            return None
+        candidates = [key]
+        for pattern, replacement in self.key_renames:
+            renamed = re.sub(pattern, replacement, candidates[-1])
+            if renamed != candidates[-1]:
+                candidates.append(renamed)
+        for candidate in candidates:
+            for fusion in self.expert_fusions:
+                found = fusion.match(candidate)
+                if found and found[0] in self.param_shapes:
+                    return (*found, fusion)
+        return None
 
     def to_checkpoint_key(self) -> dict[str, str]:
         return {v: k for k, v in self.to_model_key.items()}
@@ -187,10 +230,11 @@ def build_layout(folder: Path, config: dict[str, Any], checkpoint_keys, task_typ
 
     state = dict(model.state_dict(keep_vars=True))
     param_shapes = {k: tuple(v.shape) for k, v in state.items()}
-    to_model, problem = _map_checkpoint_keys(model, list(checkpoint_keys), state)
+    fusions = _expert_fusions(model)
+    to_model, problem = _map_checkpoint_keys(model, list(checkpoint_keys), state, fusions)
     return ModelLayout(type(model).__name__, modules, param_shapes, embed_name, head_name, tied, to_model,
                        key_layout_problem=problem, base_model_prefix=getattr(model, "base_model_prefix", "") or "",
-                       config_overrides=overrides, key_renames=_key_renames(model),
+                       config_overrides=overrides, key_renames=_key_renames(model), expert_fusions=fusions,
                        parameters=frozenset(name for name, _ in model.named_parameters(remove_duplicate=False)))
 
 
@@ -242,7 +286,31 @@ def _key_renames(model) -> tuple[tuple[str, str], ...]:
         return ()
 
 
-def _map_checkpoint_keys(model, checkpoint_keys: list[str], state: dict) -> tuple[dict[str, str], str | None]:
+def _expert_fusions(model) -> tuple[ExpertFusion, ...]:
+    """transformers' rules for this class that stack per-expert tensors (and nothing else)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        fusions = []
+        for rule in get_model_conversion_mapping(model):
+            if isinstance(rule, WeightRenaming):
+                continue
+            ops = [(type(op).__name__, getattr(op, "dim", None)) for op in rule.operations]
+            targets = list(rule.target_patterns)
+            if len(targets) != 1 or not ops or ops[0] != ("MergeModulelist", 0) or len(ops) > 2:
+                continue
+            if len(ops) == 2 and ops[1][0] != "Concatenate":
+                continue
+            fusions.append(ExpertFusion(tuple(rule.source_patterns), targets[0], ops[1][1] if len(ops) == 2 else None))
+        return tuple(fusions)
+    except Exception as exc:  # an older or newer transformers
+        log.debug("no expert fusion rules (%s)", exc)
+        return ()
+
+
+def _map_checkpoint_keys(model, checkpoint_keys: list[str], state: dict,
+                         fusions: tuple[ExpertFusion, ...] = ()) -> tuple[dict[str, str], str | None]:
     """checkpoint key -> model key using transformers' own renaming rules for this model."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -261,7 +329,7 @@ def _map_checkpoint_keys(model, checkpoint_keys: list[str], state: dict) -> tupl
     for key in checkpoint_keys:
         if rename_source_key is not None:
             new_key, converted = rename_source_key(key, renamings, converters, prefix or None, state)
-            if converted is not None:
+            if converted is not None and not any(f.match(key) for f in fusions):
                 problem = f"checkpoint key {key} is converted (not just renamed) when transformers loads it"
         else:
             new_key = key

@@ -26,12 +26,14 @@ from .plan_rules import (
     base_shape_problems,
     choose_tokenizer,
     declared_but_missing,
+    dequantization_edits,
     hard_tied_head_note,
     quantization_problem,
     serving_config_edits,
     unmatched_targets,
 )
 from .drift import scaled_embedding_drift
+from .plan_experts import expert_pairs, plan_expert_lora
 from .plan_vocab import VocabularyPlan, decide_vocabulary
 from .vocab import VocabDecision
 
@@ -64,6 +66,9 @@ class MergePlan:
     peft_merged: tuple[str, ...] = field(default=())
     # adapter module names older transformers used -> this model's (plan_groups: transformers' renaming rules)
     module_renames: tuple[tuple[str, str], ...] = field(default=())
+    # per-expert Linear modules of the checkpoint an older adapter trained (plan_groups.checkpoint_modules):
+    # today's transformers stacks them, so PEFT cannot load the adapter; the stream engine merges it
+    checkpoint_modules: tuple[str, ...] = field(default=())
     # an older PEFT trained the scaled embedding without its factor (drift.ScaledEmbeddingDrift): the
     # stream engine reproduces that model, PEFT today would merge another, and validation emulates it
     embedding_drift: object | None = None
@@ -90,9 +95,16 @@ class MergePlan:
     @property
     def peft_blockers(self) -> list[str]:
         """Why the peft engine cannot run this plan: it would merge what today's PEFT computes, not what was trained."""
-        return [f"stage {i}: {stage.adapter.folder} was trained by PEFT < 0.18 on a scaled embedding, which today's PEFT "
-                "computes otherwise; the stream engine reproduces the trained model"
-                for i, stage in enumerate(self.stages, 1) if stage.embedding_drift is not None]
+        reasons = []
+        for i, stage in enumerate(self.stages, 1):
+            if stage.embedding_drift is not None:
+                reasons.append(f"stage {i}: {stage.adapter.folder} was trained by PEFT < 0.18 on a scaled embedding, which "
+                               "today's PEFT computes otherwise; the stream engine reproduces the trained model")
+            if stage.checkpoint_modules:
+                reasons.append(f"stage {i}: {stage.adapter.folder} trains per-expert modules ({stage.checkpoint_modules[0]}, ...) "
+                               "that today's transformers stacks into one parameter, so PEFT cannot load it; the stream engine "
+                               "merges it into the checkpoint's per-expert tensors")
+        return reasons
 
     @property
     def merged_by_peft(self) -> bool:
@@ -149,7 +161,10 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     untie = "the head keeps the unscaled matrix it was trained with" if drift and drift.kind == "tokens" else None
     vocab = decide_vocabulary(base, adapter, layout, groups, options, embed_head_equal, untie)
     problems.extend(vocab.problems)
-    builder = OpBuilder(base, adapter, layout, groups, vocab, drift)
+    experts = plan_expert_lora(base, adapter, layout, expert_pairs(adapter, layout, groups.parameter_owner))
+    problems.extend(experts.problems)
+    streamed_parameter_lora(groups, experts)
+    builder = OpBuilder(base, adapter, layout, groups, vocab, drift, experts.deltas)
     ops = builder.build()
     problems.extend(builder.problems)
     unused = unused_adapter_tensors(adapter, groups.usage)
@@ -176,6 +191,9 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     if hard_tied:
         notes.append(hard_tied)
     blockers = [layout.key_layout_problem] if layout.key_layout_problem else []
+    if experts.deltas:
+        notes.append(f"{len({d.a_key for d in experts.deltas.values()})} LoRA pairs on stacked experts reach "
+                     f"{len(experts.deltas)} checkpoint tensors, every expert of every one accounted for")
     if groups.parameter_lora:
         targets = ", ".join(adapter.config.get("target_parameters") or [])
         blockers.append(f"LoRA on raw parameters (target_parameters: {targets}) is merged by PEFT itself")
@@ -187,10 +205,23 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
                      "validation compares the merged logits with base + unmerged adapter")
     # a quantized base, then shape mismatches: they say the most about what went wrong
     problems.sort(key=lambda p: -1 if p == quantized else 0 if "another architecture" in p or "another model" in p else 1)
+    # quantized base (block-FP8, MXFP4): dequantized to `dtype`, quantization_config removed, said in a note
+    quant_edits, quant_note = dequantization_edits(base, dtype)
+    notes.extend([quant_note] if quant_note else [])
     return MergePlan(base, adapter, layout, options, vocab.embed, vocab.head, vocab.tie, dtype, tuple(ops),
-                     config_edits(base, layout, vocab, dtype), tok_source, tok_reason, groups.usage, tuple(notes),
+                     {**config_edits(base, layout, vocab, dtype), **quant_edits}, tok_source, tok_reason, groups.usage, tuple(notes),
                      tuple(blockers), tuple(problems), tuple(sorted(groups.parameter_lora)), tuple(sorted(groups.peft_merged)),
-                     tuple(sorted(groups.renamed.items())), drift, vocab.embed_extra, vocab.embed_design_pad)
+                     tuple(sorted(groups.renamed.items())), tuple(sorted(groups.checkpoint_modules)), drift, vocab.embed_extra, vocab.embed_design_pad)
+
+
+def streamed_parameter_lora(groups: AdapterGroups, experts) -> None:
+    """Modules whose every raw-parameter LoRA pair is a stacked-expert pair merger maps itself leave
+    the PEFT-only set (the stream engine merges them; validation checks them per expert)."""
+    for module in list(groups.parameter_lora):
+        keys = [k for k, owner in groups.parameter_owner.items() if owner == module]
+        if keys and all(k in experts.usage for k in keys):
+            groups.parameter_lora.discard(module)
+    groups.usage.update(experts.usage)
 
 
 def adapter_problems(adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions) -> list[str]:

@@ -28,6 +28,10 @@ class AdapterGroups:
     peft_merged: set[str] = field(default_factory=set)  # modules adapted by another PEFT type (LoHa, IA3, ...)
     problems: list[str] = field(default_factory=list)
     renamed: dict[str, str] = field(default_factory=dict)  # adapter module name -> model module (older transformers names)
+    parameter_owner: dict[str, str] = field(default_factory=dict)  # adapter key -> module whose raw parameter it adapts
+    # per-expert Linear modules of the checkpoint that transformers stacks on load (experts.3.gate_proj):
+    # LoRA saved on them (older PEFT/transformers) is merged into those checkpoint tensors
+    checkpoint_modules: set[str] = field(default_factory=set)
 
     def roles(self, module: str | None) -> dict[str, str]:
         return self.by_module.get(module, {}) if module else {}
@@ -49,7 +53,7 @@ def group_adapter_tensors(adapter: AdapterInfo, layout: ModelLayout) -> AdapterG
     for key in adapter.keys:
         if key.module and key.module not in layout.modules:
             now = resolve_module(layout, key.module)
-            if now:
+            if now and not layout.expert_source(key.module + ".weight"):
                 groups.renamed[key.module] = now
         if key.role == "shared":  # one tensor every module of the type uses (VeRA's projections)
             groups.usage[key.key] = f"shared by every {adapter.peft_type} module (merged by PEFT)"
@@ -67,8 +71,12 @@ def group_adapter_tensors(adapter: AdapterInfo, layout: ModelLayout) -> AdapterG
         if owner is not None:
             groups.usage[key.key] = f"parameter LoRA on {owner} (merged by PEFT)"
             groups.parameter_lora.add(owner)
+            groups.parameter_owner[key.key] = owner
             continue
         module = resolve_module(layout, key.module)
+        if module is None and layout.expert_source(key.module + ".weight"):
+            module = key.module
+            groups.checkpoint_modules.add(module)
         if module is None and key.role in ("full_weight", "full_bias") and module_leaf(key.module) in CLASSIFIER_HEADS:
             module = key.module  # a new task head (a classifier's 'score') the base lacks
         if module is None:

@@ -48,6 +48,7 @@ class TensorOp:
     # the result multiplied by this last (before the cast): reproduces an older PEFT that skipped a
     # scaled embedding's factor in training (drift.ScaledEmbeddingDrift)
     multiply: float = 1.0
+    expert: object | None = None  # plan_experts.ExpertDelta: a stacked-expert LoRA pair's update on this tensor
 
     @property
     def parameter_lora(self) -> bool:  # the name before other PEFT types were merged
@@ -55,7 +56,7 @@ class TensorOp:
 
     @property
     def action(self) -> str:
-        if self.lora or self.merged_by_peft:
+        if self.lora or self.merged_by_peft or self.expert:
             return "lora-merged"
         if self.replace_key:
             return "replaced"
@@ -70,9 +71,10 @@ class OpBuilder:
     """Builds the ops of one merge; collects problems and the adapter tensors' usage as it goes."""
 
     def __init__(self, base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-                 vocab: VocabularyPlan, drift=None):
+                 vocab: VocabularyPlan, drift=None, expert_deltas: dict | None = None):
         self.base, self.adapter, self.layout, self.groups, self.vocab = base, adapter, layout, groups, vocab
         self.drift = drift  # drift.ScaledEmbeddingDrift, or None
+        self.expert_deltas = expert_deltas or {}  # checkpoint key -> plan_experts.ExpertDelta
         self.usage = groups.usage
         self.problems: list[str] = []
         self.ops: list[TensorOp] = []
@@ -88,8 +90,13 @@ class OpBuilder:
             module, _, param = model_key.rpartition(".")
             if layout.tied and head_w and model_key == head_w:
                 continue  # a stored copy of a tied head: written below only if the output unties
+            own = ckpt_key[: -len(".weight")] if ckpt_key.endswith(".weight") else None
+            if own in self.groups.checkpoint_modules:  # a per-expert Linear the adapter trained (older PEFT)
+                module, param = own, "weight"
             op = self.make_op(ckpt_key, module, param, ckpt_key, meta.shape)
-            if module in self.groups.parameter_lora and any(model_key == t or model_key.endswith("." + t) for t in targeted_params):
+            if ckpt_key in self.expert_deltas:
+                op = replace(op, expert=self.expert_deltas[ckpt_key])
+            elif module in self.groups.parameter_lora and any(model_key == t or model_key.endswith("." + t) for t in targeted_params):
                 op = replace(op, merged_by_peft=True)
             elif module in self.groups.peft_merged:
                 op = replace(op, merged_by_peft=True)
@@ -204,6 +211,10 @@ class OpBuilder:
     def lora_for(self, module: str, roles: dict[str, str], target_rows: int | None) -> LoraDelta | None:
         adapter, config = self.adapter, self.adapter.config
         meta = self.layout.modules.get(module)
+        if meta is None and module in self.groups.checkpoint_modules:
+            from .layout import ModuleMeta
+
+            meta = ModuleMeta("linear", tuple(self.base.tensors[module + ".weight"].shape))
         if "lora_A" in roles and "lora_B" in roles:
             a_key, b_key = roles["lora_A"], roles["lora_B"]
             kind = meta.kind if meta else "other"

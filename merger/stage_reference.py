@@ -26,7 +26,7 @@ class ComputedStage:
     def exact(self, key: str) -> bool:
         """True when the tensor is the base's own bytes through every stage (a copy, cast aside)."""
         op = self.ops[key]
-        if op.lora or op.token_rows_key or op.replace_key or op.multiply != 1.0 or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
+        if op.lora or op.expert or op.token_rows_key or op.replace_key or op.multiply != 1.0 or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
             return False
         return not isinstance(self.source, ComputedStage) or self.source.exact(op.base_key)
 
@@ -53,6 +53,8 @@ class ComputedStage:
                 weight = dora_weight(weight, delta, self.adapter.read(op.lora.magnitude_key), fan_in_fan_out=conv)
             else:
                 weight = weight + delta
+        if op.expert:
+            weight = weight + expert_update(op, self.adapter)
         if op.multiply != 1.0:
             weight = weight * op.multiply
         return weight.to(torch.float32)
@@ -60,3 +62,19 @@ class ComputedStage:
     def close(self) -> None:
         self.source.close()
         self.adapter.close()
+
+
+def expert_update(op, adapter):
+    """The stacked-expert LoRA update on ``op``'s tensor, by PEFT's definition (ParamWrapper's einsum)."""
+    import torch
+
+    delta = op.expert
+    a, b = adapter.read(delta.a_key).float(), adapter.read(delta.b_key).float()
+    a3 = a.reshape(delta.experts, -1, a.shape[1])
+    b3 = b.reshape(b.shape[0], -1, delta.experts)
+    full = torch.einsum("ore,eri->eoi", b3, a3) * delta.scale  # (E, b, a): B_e @ A_e
+    if not delta.b_first:
+        full = full.transpose(1, 2)
+    if delta.expert is None:
+        return full
+    return full[delta.expert, delta.row_offset:delta.row_offset + op.shape[0]]

@@ -303,6 +303,7 @@ class OpRunner:
             fill=self._fill_row(source, key, src_rows, rest) if op.shape[0] > src_rows else None,
             tokens=self._token_rows(op),
             lora=self._lora_tensors(op),
+            expert=self._expert_factors(op),
         )
         self.prepared = (op.out_key, prepared)
         return prepared
@@ -326,6 +327,12 @@ class OpRunner:
                 work[row - i].copy_(values)
         if prepared.lora is not None:
             self._apply_lora(work, op, prepared.lora, i, j)
+        if prepared.expert is not None:
+            left, right = prepared.expert
+            if op.expert.expert is None:  # the whole stack: experts i..j, one batched GEMM
+                work.baddbmm_(left[i:j], right[i:j], alpha=op.expert.scale)
+            else:  # one expert's tensor (a slice of its rows in the stacked parameter)
+                work.addmm_(left[i:j], right, alpha=op.expert.scale)
         if op.multiply != 1.0:
             work.mul_(op.multiply)
         return work
@@ -364,6 +371,25 @@ class OpRunner:
         magnitude = get(op.lora.magnitude_key) if op.lora.magnitude_key else None
         return a, b, magnitude
 
+    def _expert_factors(self, op: TensorOp):
+        """(left, right) with each expert's update = left_e @ right_e in the parameter's (d1, d2): for
+        one expert's tensor, its rows of left_e and right_e; for the stack, all experts'."""
+        import torch
+
+        delta = op.expert
+        if delta is None:
+            return None
+        a = self.adapter.read(delta.a_key).to(device=self.device, dtype=torch.float32)
+        b = self.adapter.read(delta.b_key).to(device=self.device, dtype=torch.float32)
+        experts = delta.experts
+        a3 = a.reshape(experts, -1, a.shape[1])  # (E, r, a): PEFT stacks A expert-major
+        b3 = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # (E, b, r): and B rank-major
+        left, right = (b3, a3) if delta.b_first else (a3.transpose(1, 2), b3.transpose(1, 2))
+        if delta.expert is None:
+            return left.contiguous(), right.contiguous()
+        rows = op.shape[0]
+        return left[delta.expert, delta.row_offset:delta.row_offset + rows].contiguous(), right[delta.expert].contiguous()
+
     def _apply_lora(self, work, op: TensorOp, tensors, i: int, j: int) -> None:
         a, b, magnitude = tensors
         kind, scale = op.lora.kind, op.lora.scale
@@ -389,11 +415,12 @@ class _Prepared:
     fill: object | None
     tokens: list
     lora: tuple | None
+    expert: tuple | None = None
 
 
 def is_plain(op: TensorOp, src_rows: int) -> bool:
     """The op copies its start unchanged (a cast aside)."""
-    return not (op.lora or op.token_rows_key) and op.multiply == 1.0 and op.shape[0] <= src_rows
+    return not (op.lora or op.token_rows_key or op.expert) and op.multiply == 1.0 and op.shape[0] <= src_rows
 
 
 class StageTensors:
@@ -481,7 +508,13 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
 
 def stage_runners(plan: MergePlan, device: str, out: AsyncWriter, stack: ExitStack) -> OpRunner:
     """The runner of the last stage; each stage reads the one before it (the first, the base)."""
-    source = TensorFiles(plan.first.base.folder, plan.first.base.tensors)
+    base = plan.first.base
+    if base.quantized is not None:  # block-FP8 / MXFP4: the dequantized tensors, float32, block by block
+        from .dequant_source import DequantizedFiles
+
+        source = DequantizedFiles(base)
+    else:
+        source = TensorFiles(base.folder, base.tensors)
     stack.callback(source.close)
     runner = None
     for stage in plan.stages:
