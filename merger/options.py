@@ -73,6 +73,13 @@ class MergeOptions:
         "transformers' mean resizing does on average, without its random noise) or 'zeros'",
         ("mean", "zeros"),
     )
+    merge_base: str = _opt(
+        "original",
+        "the base the LoRA deltas are added to: 'original' (the checkpoint's weights) or 'nf4' (each Linear "
+        "weight as bitsandbytes' NF4 stored it for a QLoRA run, dequant(nf4(W)), as axolotl merges; needs "
+        "the nf4 extra)",
+        ("original", "nf4"),
+    )
     validate: str = _opt(
         "fast",
         "check OUT after writing: 'fast' re-reads every tensor and checks sampled merged modules "
