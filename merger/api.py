@@ -338,6 +338,10 @@ def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hashe
     if plan.problems:
         raise IncompatibleError(list(plan.problems))
     engine, reason = choose_engine(plan)
+    if opts.merge_base == "nf4":  # before anything is written: the round trip needs bitsandbytes
+        from .quantized import require_nf4
+
+        require_nf4()
     check_free_space(out, output_bytes(plan))
     check_memory(plan, engine)
     for story in plan.stories:
@@ -350,16 +354,17 @@ def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hashe
     from .report import plan_summary, versions, write_report
     from .serving import check_serving
 
+    stats: dict = {}
     with staging_folder(out) as tmp:
         with _progress(len(plan.ops), f"merging ({engine})", quiet) as tick:
             if engine == "stream":
                 from .engines.stream import execute_stream
 
-                files = execute_stream(plan, tmp, tick)
+                files = execute_stream(plan, tmp, tick, stats)
             else:
                 from .engines.peft import execute_peft
 
-                files = execute_peft(plan, tmp, tick)
+                files = execute_peft(plan, tmp, tick, stats)
         write_metadata(plan, tmp)
         # LoRA on raw parameters and other PEFT types have no per-module check, and a stack's is proven
         # stage by stage: only the logits prove them
@@ -384,6 +389,9 @@ def _merge_planned(base_dir: Path, adapter, out: Path, opts: MergeOptions, hashe
             "output": {"path": str(out)},
             "recovered": recovered,
         }
+        if opts.merge_base != "original":  # what merging into the QLoRA base changed, against the original weights
+            fields["merge_base"] = {"mode": opts.merge_base, "modules": stats.get("merge_base_modules", 0),
+                                    "max_rel_difference_from_original": stats.get("merge_base_max_rel_difference")}
         write_card(tmp, plan, fields)
         size = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
         fields["output"].update(files=sorted(p.name for p in tmp.iterdir()), bytes=size,

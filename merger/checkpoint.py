@@ -1,4 +1,11 @@
-"""Read a base model folder into CheckpointInfo: config, shard files and tensor headers."""
+"""Read a base model folder into CheckpointInfo: config, shard files and tensor headers.
+
+A base stored quantized in a format merger dequantizes (block-FP8 or per-tensor FP8 with
+``quant_method: fp8``, MXFP4 with ``quant_method: mxfp4``) is described as the model transformers
+loads from it with ``dequantize=True``: ``tensors`` holds the logical tensors (names and shapes of the
+dequantized model, BF16), and ``quantized`` keeps what reading the stored ones takes (quantized.py's
+recipe per tensor and the headers as they are).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +17,72 @@ from typing import Any
 from .errors import CheckpointError, InputNotFoundError
 from .inputs import confined, input_files, read_json, short
 from .keys import BIN_INDEX, BIN_SINGLE, CONFIG, GENERATION_CONFIG, SAFE_INDEX, SAFE_SINGLE
+from .quantized import (
+    FLOAT8_TAGS,
+    RECIPE_FP8_BLOCK,
+    RECIPE_FP8_TENSOR,
+    RECIPE_PLAIN,
+    LogicalTensor,
+    QuantizedFormatError,
+    quantized_tensor_map,
+)
 from .tensors import TORCH_NAMES, TensorMeta, read_safetensors_header, read_torch_bin_metas
 from .tokenizer_facts import TokenizerFacts, read_tokenizer_facts
 
 TEXT_CONFIG_KEYS = ("text_config", "llm_config", "language_config")
+DEQUANTIZED_METHODS = ("fp8", "mxfp4")  # quant_method values merger dequantizes (quantized.py)
+# what a dequantized base is merged and written in (transformers' dequantize=True loads it so)
+DEQUANTIZED_DTYPE = "bfloat16"
+DEQUANTIZED_TAG = "BF16"
+
+
+@dataclass(frozen=True)
+class QuantizedBase:
+    """How a quantized base's stored tensors make the dequantized model merger plans on.
+
+    ``logical`` maps every tensor of the dequantized model (plain ones included) to its recipe and the
+    stored tensors it reads; ``stored`` is the headers as they are (what a reader opens). ``problem``
+    is set, and ``logical`` empty, when the files cannot be dequantized as they are (a scale without
+    its weight, a grid that does not fit): the plan refuses the base with it.
+    """
+
+    method: str  # quant_method: "fp8" or "mxfp4" ("" when float8 tensors come without a quantization_config)
+    logical: dict[str, LogicalTensor]
+    stored: dict[str, TensorMeta]
+    problem: str | None = None
+
+    @property
+    def dequantized(self) -> list[str]:
+        """The logical tensors computed from quantized values (the rest are stored as they are)."""
+        return [name for name, entry in self.logical.items() if entry.recipe != RECIPE_PLAIN]
+
+    @property
+    def description(self) -> str:
+        """The format in words: 'block-FP8 (128x128 blocks)', 'per-tensor FP8', 'MXFP4 (...)'."""
+        recipes = {entry.recipe: entry for entry in self.logical.values() if entry.recipe != RECIPE_PLAIN}
+        if RECIPE_FP8_BLOCK in recipes:
+            rows, cols = recipes[RECIPE_FP8_BLOCK].block_size
+            return f"block-FP8 ({rows}x{cols} blocks)"
+        if RECIPE_FP8_TENSOR in recipes:
+            return "per-tensor FP8"
+        if self.method == "mxfp4":
+            return "MXFP4 (FP4 values in groups of 32 sharing an E8M0 scale)"
+        return f"{self.method or 'float8'} (no quantized tensors found)"
+
+    @property
+    def partial_blocks(self) -> list[str]:
+        """Block-FP8 tensors with a partial last row or column of blocks (576 rows in 128-row blocks).
+
+        transformers 5 dequantizes on load with the block derived from the scale grid (rows // grid
+        rows), which refuses such a tensor or cuts it into wrong blocks; merger reads them by the
+        format's definition, and its PEFT engine then loads merger's values (dequant_source.py).
+        """
+        found = []
+        for name, entry in self.logical.items():
+            if entry.recipe == RECIPE_FP8_BLOCK and any(
+                    dim > side and dim % side for dim, side in zip(entry.shape[-2:], entry.block_size, strict=True)):
+                found.append(name)
+        return found
 
 
 @dataclass(frozen=True)
@@ -26,6 +95,8 @@ class CheckpointInfo:
     tokenizer: TokenizerFacts | None
     has_generation_config: bool
     index_metadata: dict[str, Any] = field(default_factory=dict)
+    # a base stored block-FP8 / FP8 / MXFP4: ``tensors`` are then the dequantized model's (see QuantizedBase)
+    quantized: QuantizedBase | None = None
 
     @property
     def text_config_key(self) -> str | None:
@@ -42,8 +113,15 @@ class CheckpointInfo:
         return archs[0] if archs else None
 
     @property
+    def quantization_config(self) -> dict[str, Any] | None:
+        """config.json's quantization_config (top level, else the text config's), as transformers reads it."""
+        return quantization_config_of(self.config)
+
+    @property
     def dtype(self) -> str:
-        """The torch dtype name most floating tensors are stored in."""
+        """The torch dtype name most floating tensors are stored in; bfloat16 for a dequantized base."""
+        if self.quantized is not None:
+            return DEQUANTIZED_DTYPE  # never float8: the dequantized values are what is merged and written
         counts = Counter(t.dtype for t in self.tensors.values() if t.dtype in TORCH_NAMES)
         if counts:
             return TORCH_NAMES[counts.most_common(1)[0][0]]
@@ -76,6 +154,52 @@ class CheckpointInfo:
 # counts the meta model is built with, one module per unit: a crafted 10**9 would take hours
 _COUNT_LIMITS = {"num_hidden_layers": 4096, "n_layer": 4096, "num_layers": 4096, "n_layers": 4096,
                  "num_local_experts": 65536, "num_experts": 65536, "n_routed_experts": 65536}
+
+
+def quantization_config_of(config: dict[str, Any]) -> Any:
+    """quantization_config at the top level, else in the text config (Mistral 3's text_config carries it)."""
+    quant = config.get("quantization_config")
+    if quant:
+        return quant
+    for key in TEXT_CONFIG_KEYS:
+        if isinstance(config.get(key), dict) and config[key].get("quantization_config"):
+            return config[key]["quantization_config"]
+    return None
+
+
+def dequantized_view(config: dict[str, Any], fmt: str, tensors: dict[str, TensorMeta]) -> QuantizedBase | None:
+    """The dequantized model's view of a quantized base's tensors, or None for a base merger reads as stored.
+
+    Bases with quant_method fp8 or mxfp4, and any base holding float8 tensors (which without a
+    quantization_config have no scales to read them by), are described; other quantization methods
+    are left to the planner, which refuses them.
+    """
+    quant = quantization_config_of(config)
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    float8 = any(meta.dtype in FLOAT8_TAGS for meta in tensors.values())
+    if method not in DEQUANTIZED_METHODS and not (quant is None and float8):
+        return None
+    method = str(method or "")
+    try:
+        logical = quantized_tensor_map({"quantization_config": quant} if quant else {}, tensors)
+    except QuantizedFormatError as exc:
+        return QuantizedBase(method, {}, tensors, str(exc))
+    if fmt != "safetensors":  # the readers address stored rows by byte offset
+        return QuantizedBase(method, {}, tensors, f"a {method} checkpoint stored as pytorch_model.bin, expected "
+                             "safetensors (as FP8 and MXFP4 models ship): convert it to safetensors or download those")
+    return QuantizedBase(method, logical, tensors)
+
+
+def logical_metas(view: QuantizedBase) -> dict[str, TensorMeta]:
+    """What the planner sees: stored metas for plain tensors; for dequantized ones the logical shape, the
+    output dtype, and the file of the data they are read from (offset -1: not a stored tensor's bytes)."""
+    metas = {}
+    for name, entry in view.logical.items():
+        if entry.recipe == RECIPE_PLAIN:
+            metas[name] = view.stored[name]
+        else:
+            metas[name] = TensorMeta(name, entry.shape, DEQUANTIZED_TAG, view.stored[entry.sources[0]].file)
+    return metas
 
 
 def check_config_fields(config: dict, path: Path) -> None:
@@ -160,13 +284,15 @@ def inspect_checkpoint_folder(folder: str | Path) -> CheckpointInfo:
         absent = sorted(listed - set(tensors))
         if absent:
             raise CheckpointError(f"{folder}: the shard index lists {len(absent)} tensors the shards do not hold ({', '.join(absent[:3])}); the checkpoint is incomplete")
+    quantized = dequantized_view(config, fmt, tensors)
     return CheckpointInfo(
         folder=folder,
         config=config,
         format=fmt,
         files=tuple(files),
-        tensors=tensors,
+        tensors=logical_metas(quantized) if quantized is not None and quantized.problem is None else tensors,
         tokenizer=read_tokenizer_facts(folder),
         has_generation_config=(folder / GENERATION_CONFIG).is_file(),
         index_metadata=index.get("metadata") if isinstance(index.get("metadata"), dict) else {},
+        quantized=quantized,
     )

@@ -23,14 +23,18 @@ def write_metadata(plan: MergePlan, out_dir: Path) -> None:
 
 
 def merged_config(plan: MergePlan) -> dict:
-    """The base's config.json with the plan's edits (dotted paths reach into text_config)."""
+    """The base's config.json with the plan's edits (dotted paths reach into text_config; a None
+    edit removes the key: a dequantized base's quantization_config)."""
     config = copy.deepcopy(plan.base.config)
     for path, value in plan.config_edits.items():
         target = config
         *parents, leaf = path.split(".")
         for part in parents:
             target = target.setdefault(part, {})
-        target[leaf] = value
+        if value is None:
+            target.pop(leaf, None)
+        else:
+            target[leaf] = value
     return config
 
 

@@ -34,6 +34,7 @@ from .plan_rules import (
 )
 from .drift import scaled_embedding_drift
 from .plan_experts import expert_pairs, plan_expert_lora
+from .plan_rules import qlora_evidence
 from .plan_vocab import VocabularyPlan, decide_vocabulary
 from .vocab import VocabDecision
 
@@ -164,7 +165,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     experts = plan_expert_lora(base, adapter, layout, expert_pairs(adapter, layout, groups.parameter_owner))
     problems.extend(experts.problems)
     streamed_parameter_lora(groups, experts)
-    builder = OpBuilder(base, adapter, layout, groups, vocab, drift, experts.deltas)
+    builder = OpBuilder(base, adapter, layout, groups, vocab, drift, experts.deltas, options.merge_base)
     ops = builder.build()
     problems.extend(builder.problems)
     unused = unused_adapter_tensors(adapter, groups.usage)
@@ -175,6 +176,15 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     notes = list(adapter.warnings) + list(vocab.notes)
     if drift:
         notes.append(drift.note(adapter, layout.embed_module))
+    trained_base = qlora_evidence(adapter)
+    if options.merge_base == "nf4":
+        count = sum(1 for op in ops if op.requantize)
+        notes.append(f"--merge-base nf4: {count} Linear weights are first rounded through bitsandbytes' NF4 (double quant, "
+                     f"blocks of 64), as the 4-bit base of a QLoRA run held them"
+                     + (f"; {trained_base}" if trained_base else "; nothing in the adapter folder records a 4-bit base"))
+    elif trained_base:
+        notes.append(f"{trained_base}: it was trained against dequant(nf4(W)); --merge-base nf4 merges into that, "
+                     "the default merges into the original weights")
     if options.residual_base and base_mutating_init_problem(adapter):
         notes.append(f"--residual-base: {base.folder} is taken to be the base that init_lora_weights="
                      f"{adapter.config.get('init_lora_weights')!r} rewrote when training started; the adapter is merged into it as it is")

@@ -49,6 +49,8 @@ class TensorOp:
     # scaled embedding's factor in training (drift.ScaledEmbeddingDrift)
     multiply: float = 1.0
     expert: object | None = None  # plan_experts.ExpertDelta: a stacked-expert LoRA pair's update on this tensor
+    # the start is first replaced by its round trip through this format (--merge-base nf4: what a QLoRA run trained on)
+    requantize: str | None = None
 
     @property
     def parameter_lora(self) -> bool:  # the name before other PEFT types were merged
@@ -71,7 +73,8 @@ class OpBuilder:
     """Builds the ops of one merge; collects problems and the adapter tensors' usage as it goes."""
 
     def __init__(self, base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-                 vocab: VocabularyPlan, drift=None, expert_deltas: dict | None = None):
+                 vocab: VocabularyPlan, drift=None, expert_deltas: dict | None = None, merge_base: str = "original"):
+        self.merge_base = merge_base
         self.base, self.adapter, self.layout, self.groups, self.vocab = base, adapter, layout, groups, vocab
         self.drift = drift  # drift.ScaledEmbeddingDrift, or None
         self.expert_deltas = expert_deltas or {}  # checkpoint key -> plan_experts.ExpertDelta
@@ -206,7 +209,16 @@ class OpBuilder:
             elif self.drift.kind == "tokens":
                 multiply = 1.0 / self.drift.scale
         return TensorOp(out_key, shape, base_key, replace_key, grow_from, token_key, tuple(indices), lora,
-                        cast=base_key is None or self.base.tensors[base_key].dtype in FLOAT_TAGS, multiply=multiply)
+                        cast=base_key is None or self.base.tensors[base_key].dtype in FLOAT_TAGS, multiply=multiply,
+                        requantize=self.requantized(module, param, replace_key))
+
+    def requantized(self, module: str | None, param: str, replace_key: str | None) -> str | None:
+        """With --merge-base nf4, the weights bitsandbytes quantized for QLoRA: every Linear but the head."""
+        if self.merge_base != "nf4" or param != "weight" or replace_key or module is None or module == self.layout.head_module:
+            return None
+        meta = self.layout.modules.get(module)
+        linear = (meta is not None and meta.kind == "linear") or module in self.groups.checkpoint_modules
+        return "nf4" if linear else None
 
     def lora_for(self, module: str, roles: dict[str, str], target_rows: int | None) -> LoraDelta | None:
         adapter, config = self.adapter, self.adapter.config

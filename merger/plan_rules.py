@@ -63,8 +63,16 @@ def prefer(first: str, second: str) -> tuple[str, str]:
 
 
 def quantization_problem(base: CheckpointInfo, adapter: AdapterInfo) -> str | None:
-    """A quantized base cannot take an exact merge: the update would be rounded into 4/8-bit weights."""
-    quant = base.config.get("quantization_config") or base.text_config.get("quantization_config")
+    """Why a quantized base cannot be merged into, or None.
+
+    Block-FP8, per-tensor FP8 and MXFP4 bases are dequantized by the format's definition and merged in
+    bfloat16 (dequantization_edits says so); their files must fit together (quantized.py's checks).
+    Other methods (bitsandbytes, GPTQ, AWQ, ...) are refused: the update would be rounded into 4/8-bit
+    weights, and their dequantization depends on the quantization library.
+    """
+    if base.quantized is not None:
+        return f"{base.folder}: {base.quantized.problem}" if base.quantized.problem else None
+    quant = base.quantization_config
     if not quant:
         return None
     method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
@@ -75,6 +83,37 @@ def quantization_problem(base: CheckpointInfo, adapter: AdapterInfo) -> str | No
     return (f"{base.folder}: the base is quantized ({method} {bits}".rstrip() + "); merging into quantized weights rounds the "
             f"adapter's update away and needs the quantization library; merge into the full-precision model{hint} "
             "that the quantized one was made from")
+
+
+def dequantization_edits(base: CheckpointInfo, dtype: str) -> tuple[dict, str | None]:
+    """For a base merger dequantizes: the config edits (quantization_config removed at every level it
+    is, the output dtype) and the note that says what was done; ({}, None) for any other base.
+
+    A None edit removes the key (outputs.merged_config): the output holds full-precision weights, and a
+    quantization_config left behind would make every loader look for scales that are not there.
+    """
+    if base.quantized is None or base.quantized.problem:
+        return {}, None
+    edits: dict = {}
+    key = base.text_config_key
+    for prefix, level in [("", base.config)] + ([(f"{key}.", base.config[key])] if key else []):
+        if "quantization_config" in level:
+            edits[f"{prefix}quantization_config"] = None
+        for name in ("dtype", "torch_dtype"):
+            if name in level:
+                edits[f"{prefix}{name}"] = dtype
+    edits["dtype"] = dtype
+    view = base.quantized
+    count = len(view.dequantized)
+    note = (f"dequantized {view.description} to {dtype} by the format's definition ({count} "
+            f"tensor{'s' if count != 1 else ''}, every stored tensor read once); quantization_config removed: the output "
+            "is a full-precision checkpoint, never quantized values with the update folded in")
+    partial = view.partial_blocks
+    if partial:
+        note += (f"; {len(partial)} tensors end in partial blocks (e.g. {partial[0]} {list(base.tensors[partial[0]].shape)}), "
+                 "which transformers' load-time dequantization cuts by the scale grid instead: the peft engine and the "
+                 "logits reference load merger's values")
+    return edits, note
 
 
 def is_module_copy(key: str, module: str | None, modules_to_save: list[str]) -> bool:
@@ -197,3 +236,21 @@ def hard_tied_head_note(base: CheckpointInfo, tie: bool) -> str | None:
     return (f"{model_type}: the trained lm_head differs from the embedding, but vLLM and SGLang always serve {model_type} "
             "with the head tied to the embedding and llama.cpp's converter drops lm_head.weight: there the trained head is "
             "ignored (transformers uses it)")
+
+
+def qlora_evidence(adapter: AdapterInfo) -> str | None:
+    """What in the adapter says it was trained on a 4-bit bitsandbytes base (QLoRA), or None:
+    its recorded base (unsloth/...-bnb-4bit) or a training config saved beside it."""
+    recorded = str(adapter.config.get("base_model_name_or_path") or "")
+    if re.search(r"bnb[-_]4bit|[-_]4bit$", recorded, re.IGNORECASE):
+        return f"the adapter records its base as {recorded}, a 4-bit bitsandbytes model"
+    for name, pattern in (("training_args.yaml", r"^\s*quantization_bit:\s*4\b"), ("config.yaml", r"^\s*load_in_4bit:\s*true\b"),
+                          ("axolotl_config.yaml", r"^\s*load_in_4bit:\s*true\b")):
+        path = adapter.folder / name
+        try:
+            if path.is_file() and not path.is_symlink() and path.stat().st_size < 1 << 20 and \
+                    re.search(pattern, path.read_text(encoding="utf-8", errors="replace"), re.IGNORECASE | re.MULTILINE):
+                return f"{name} beside the adapter trained on a 4-bit base"
+        except OSError:
+            continue
+    return None

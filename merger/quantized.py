@@ -124,17 +124,24 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tu
 
 
 def dequantize_fp8_rows(weight_rows: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int] | None,
-                        start_row: int, *, name: str = "weight") -> torch.Tensor:
+                        start_row: int, *, name: str = "weight", out: torch.Tensor | None = None) -> torch.Tensor:
     """Float32 rows ``[start_row, start_row + len)`` of an FP8 weight, from only those rows and the full scale.
 
     ``weight_rows`` is ``(..., n, cols)``; ``scale_inv`` the whole grid ``(..., ceil(rows/bh), ceil(cols/bw))``
     for ``block_size=(bh, bw)``, or one number for ``block_size=None`` (per-tensor). ``start_row`` need not
-    be a block boundary. Equal bit for bit to the same rows of :func:`dequantize_fp8`.
+    be a block boundary. Equal bit for bit to the same rows of :func:`dequantize_fp8`. ``out``: a float32
+    tensor of ``weight_rows``' shape to compute into (a streaming reader's reused buffer), returned.
     """
     import torch
 
     scale = _scale_float32(scale_inv, name)
-    weight = weight_rows.to(torch.float32, copy=True)  # multiplied in place below: never the caller's tensor
+    if out is not None:
+        if out.dtype != torch.float32 or tuple(out.shape) != tuple(weight_rows.shape):
+            raise QuantizedFormatError(f"{name}: out is {out.dtype} {tuple(out.shape)}, expected torch.float32 "
+                                       f"{tuple(weight_rows.shape)} (the rows' shape); pass a matching buffer")
+        weight = out.copy_(weight_rows)
+    else:
+        weight = weight_rows.to(torch.float32, copy=True)  # multiplied in place below: never the caller's tensor
     if block_size is None:
         if scale.numel() != 1:
             raise QuantizedFormatError(
@@ -389,3 +396,8 @@ def _scale_float32(scale_inv: torch.Tensor, name: str) -> torch.Tensor:
         raise QuantizedFormatError(
             f"{name}: scale holds {bad} non-finite values of {scale.numel()}, expected finite numbers; {REDOWNLOAD}")
     return scale
+
+
+def require_nf4() -> None:
+    """Raise Nf4UnavailableError now, before anything is written, when an NF4 round trip cannot run."""
+    _bitsandbytes_functional()

@@ -81,8 +81,14 @@ def load_base(plan: MergePlan):
         # accelerate cannot cast a model it dispatched over several devices: load in the output
         # dtype instead (the merge then runs in it, as PEFT's would)
         load_dtype = getattr(torch, plan.dtype)
-    model = load_pretrained(cls, plan.base.folder, dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
-                            **plan.layout.config_overrides, **placement)
+    if plan.base.quantized is not None:  # block-FP8 / MXFP4: the dequantized model (bfloat16, plan.base.dtype)
+        from .dequant_source import load_dequantized
+
+        model = load_dequantized(cls, plan.base, dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
+                                 config_overrides=plan.layout.config_overrides, **placement)
+    else:
+        model = load_pretrained(cls, plan.base.folder, dtype=load_dtype, trust_remote_code=plan.options.trust_remote_code,
+                                **plan.layout.config_overrides, **placement)
     model.eval()
     return model
 
@@ -228,6 +234,29 @@ def renamed_weights(weights: dict, renames: dict[str, str]) -> dict:
     return out
 
 
+def with_merge_base(model, plan: MergePlan, stats: dict | None = None):
+    """``model`` with --merge-base applied: for nf4, every Linear weight but the head replaced by its
+    NF4 round trip, as the 4-bit base of a QLoRA run held it."""
+    import torch
+
+    if plan.options.merge_base != "nf4":
+        return model
+    from ..quantized import nf4_round_trip
+
+    head = model.get_output_embeddings()
+    worst, count = 0.0, 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module is not head:
+                restored = nf4_round_trip(module.weight)
+                worst = max(worst, float((restored.float() - module.weight.float()).norm() / max(float(module.weight.float().norm()), 1e-12)))
+                module.weight.copy_(restored)
+                count += 1
+    if stats is not None:
+        stats.update(merge_base_modules=count, merge_base_max_rel_difference=worst)
+    return model
+
+
 def merge_stages(model, stages: list[MergePlan]):
     """``model`` with each stage's adapter loaded and merged in turn, as the pipeline did between stages."""
     for stage in stages:
@@ -246,17 +275,17 @@ def reference_model(plan: MergePlan):
     on the rows it was trained with (validation's reference)."""
     import torch
 
-    model = merge_stages(load_base(plan.first), plan.stages[:-1])
+    model = merge_stages(with_merge_base(load_base(plan.first), plan), plan.stages[:-1])
     resize_like_plan(model, plan, as_trained=True)
     if plan.dtype != plan.first.base.dtype:
         model.to(getattr(torch, plan.dtype))
     return attach_adapter(model, plan)
 
 
-def execute_peft(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
+def execute_peft(plan: MergePlan, out_dir: Path, progress=None, stats: dict | None = None) -> list[str]:
     import torch
 
-    merged = merge_stages(load_base(plan.first), plan.stages)
+    merged = merge_stages(with_merge_base(load_base(plan.first), plan, stats), plan.stages)
     if next(merged.parameters()).dtype != getattr(torch, plan.dtype):
         merged.to(getattr(torch, plan.dtype))
     merged.config.vocab_size = plan.embed.rows if plan.embed else merged.config.vocab_size

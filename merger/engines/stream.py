@@ -258,6 +258,7 @@ class OpRunner:
         self.host_in = Scratch("cpu")
         self.out_dtype = getattr(torch, plan.dtype)
         self.prepared: tuple[str, _Prepared] | None = None
+        self.stats: dict = {}  # what the report records of this run (--merge-base nf4: the measured difference)
 
     def source_of(self, op: TensorOp):
         return (self.adapter, op.replace_key) if op.replace_key else (self.base, op.base_key)
@@ -304,6 +305,7 @@ class OpRunner:
             tokens=self._token_rows(op),
             lora=self._lora_tensors(op),
             expert=self._expert_factors(op),
+            start=self._requantized_start(op, source, key, src_rows, rest),
         )
         self.prepared = (op.out_key, prepared)
         return prepared
@@ -316,7 +318,9 @@ class OpRunner:
         rest, src_rows = tuple(op.shape[1:]), prepared.src_rows
         work = self.work.take("work", (j - i,) + rest, torch.float32)
         k = min(j, src_rows)
-        if i < k:
+        if i < k and prepared.start is not None:
+            work[: k - i].copy_(prepared.start[i:k])
+        elif i < k:
             staging = self.host_in.take("in", (k - i,) + rest, source.torch_dtype(key))
             source.read_rows(key, i, k, staging)
             work[: k - i].copy_(staging)
@@ -351,6 +355,23 @@ class OpRunner:
             source.read_rows(key, i, j, staging)
             total += staging.double().sum(dim=0)
         return (total / src_rows).float().to(self.device).unsqueeze(0)
+
+    def _requantized_start(self, op: TensorOp, source, key: str, src_rows: int, rest: tuple):
+        """The start as the 4-bit base of a QLoRA run held it, whole (NF4's double quantization ties
+        every block of the tensor together), in float32; None unless --merge-base nf4 asks for it."""
+        import torch
+
+        if op.requantize != "nf4":
+            return None
+        from ..quantized import nf4_round_trip
+
+        weight = torch.empty((src_rows,) + rest, dtype=source.torch_dtype(key))
+        source.read_rows(key, 0, src_rows, weight)
+        restored = nf4_round_trip(weight)
+        difference = float((restored.float() - weight.float()).norm() / max(float(weight.float().norm()), 1e-12))
+        self.stats["merge_base_modules"] = self.stats.get("merge_base_modules", 0) + 1
+        self.stats["merge_base_max_rel_difference"] = max(self.stats.get("merge_base_max_rel_difference", 0.0), difference)
+        return restored.to(device=self.device, dtype=torch.float32)
 
     def _token_rows(self, op: TensorOp) -> list[tuple[int, object]]:
         import torch
@@ -416,11 +437,12 @@ class _Prepared:
     tokens: list
     lora: tuple | None
     expert: tuple | None = None
+    start: object | None = None  # the whole start, when it is not read block by block (--merge-base nf4)
 
 
 def is_plain(op: TensorOp, src_rows: int) -> bool:
     """The op copies its start unchanged (a cast aside)."""
-    return not (op.lora or op.token_rows_key or op.expert) and op.multiply == 1.0 and op.shape[0] <= src_rows
+    return not (op.lora or op.token_rows_key or op.expert or op.requantize) and op.multiply == 1.0 and op.shape[0] <= src_rows
 
 
 class StageTensors:
@@ -475,8 +497,9 @@ class StageTensors:
         pass
 
 
-def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
-    """Write the merged weights of ``plan`` into ``out_dir``; returns the file names written."""
+def execute_stream(plan: MergePlan, out_dir: Path, progress=None, stats: dict | None = None) -> list[str]:
+    """Write the merged weights of ``plan`` into ``out_dir``; returns the file names written.
+    ``stats`` collects what the report records of the run (the NF4 round trip's measured difference)."""
     blockers = stream_blockers(plan)
     if blockers:
         raise UnsupportedError(f"the stream engine cannot run this merge ({'; '.join(blockers)}); use --engine peft")
@@ -502,6 +525,8 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None) -> list[str]:
             written.append(shard_name)
         for future in closing:
             future.result()
+        if stats is not None:
+            stats.update(runner.stats)
     write_index(out_dir, layout)
     return written
 
