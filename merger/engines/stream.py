@@ -250,10 +250,11 @@ class AsyncWriter:
 class OpRunner:
     """Executes TensorOps block by block: start rows, grown rows, token rows, LoRA, cast, write."""
 
-    def __init__(self, plan: MergePlan, device: str, base, adapter, out: AsyncWriter | None):
+    def __init__(self, plan: MergePlan, device: str, base, adapter, out: AsyncWriter | None, reader: ThreadPoolExecutor | None = None):
         import torch
 
         self.plan, self.device, self.base, self.adapter, self.out = plan, device, base, adapter, out
+        self.reader = reader  # a thread that reads the next block's source rows while this one is computed
         self.work = Scratch(device)
         self.host_in = Scratch("cpu")
         self.out_dtype = getattr(torch, plan.dtype)
@@ -283,12 +284,38 @@ class OpRunner:
                 self.out.submit(writer, op.out_key, block)
             return
         prepared = self.prepare(op)
-        for i in range(0, out_rows, prepared.step):
-            j = min(out_rows, i + prepared.step)
-            work = self.compute(op, prepared, i, j)
+        blocks = [(i, min(out_rows, i + prepared.step)) for i in range(0, out_rows, prepared.step)]
+        for (i, j), staged in zip(blocks, self._staged_blocks(op, prepared, blocks), strict=True):
+            work = self.compute(op, prepared, i, j, staged)
             block = self.out.acquire((j - i,) + rest, out_dtype)
             block.copy_(work)
             self.out.submit(writer, op.out_key, block)
+
+    def _staged_blocks(self, op: TensorOp, prepared: "_Prepared", blocks: list[tuple[int, int]]):
+        """Each block's source rows, read one block ahead on the reader thread into two alternating
+        buffers, so the disk works while the previous block's GEMM runs (None: nothing to read, or
+        no reader thread: compute reads it itself)."""
+        if self.reader is None or prepared.start is not None:
+            yield from (None for _ in blocks)
+            return
+        source, key = self.source_of(op)
+        rest, dtype = tuple(op.shape[1:]), source.torch_dtype(key)
+
+        def read(n: int):
+            i, j = blocks[n]
+            k = min(j, prepared.src_rows)
+            if i >= k:
+                return None
+            staging = self.host_in.take(f"ahead{n % 2}", (k - i,) + rest, dtype)
+            source.read_rows(key, i, k, staging)
+            return staging
+
+        future = self.reader.submit(read, 0)
+        for n in range(len(blocks)):
+            staged = future.result()
+            if n + 1 < len(blocks):  # block n's buffer is not reused before block n+2, after n is computed
+                future = self.reader.submit(read, n + 1)
+            yield staged
 
     def prepare(self, op: TensorOp) -> "_Prepared":
         """What every block of ``op`` needs: the grown rows' value, token rows, LoRA tensors (cached for
@@ -310,8 +337,9 @@ class OpRunner:
         self.prepared = (op.out_key, prepared)
         return prepared
 
-    def compute(self, op: TensorOp, prepared: "_Prepared", i: int, j: int):
-        """Rows [i, j) of ``op``'s result, in float32 on the engine's device (a reused buffer)."""
+    def compute(self, op: TensorOp, prepared: "_Prepared", i: int, j: int, staged=None):
+        """Rows [i, j) of ``op``'s result, in float32 on the engine's device (a reused buffer);
+        ``staged``: the source rows already read (by the reader thread)."""
         import torch
 
         source, key = self.source_of(op)
@@ -320,6 +348,8 @@ class OpRunner:
         k = min(j, src_rows)
         if i < k and prepared.start is not None:
             work[: k - i].copy_(prepared.start[i:k])
+        elif i < k and staged is not None:
+            work[: k - i].copy_(staged)
         elif i < k:
             staging = self.host_in.take("in", (k - i,) + rest, source.torch_dtype(key))
             source.read_rows(key, i, k, staging)
@@ -511,7 +541,8 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None, stats: dict | 
         pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-write"))
         syncer = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-fsync"))
         out = AsyncWriter(pool)
-        runner = stage_runners(plan, device, out, stack)
+        reader = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="merger-read"))
+        runner = stage_runners(plan, device, out, stack, reader)
         closing: list[Future] = []
         for shard_name, tensors in layout.files:
             writer = ShardWriter(out_dir / shard_name, tensors)
@@ -531,7 +562,7 @@ def execute_stream(plan: MergePlan, out_dir: Path, progress=None, stats: dict | 
     return written
 
 
-def stage_runners(plan: MergePlan, device: str, out: AsyncWriter, stack: ExitStack) -> OpRunner:
+def stage_runners(plan: MergePlan, device: str, out: AsyncWriter, stack: ExitStack, reader: ThreadPoolExecutor | None = None) -> OpRunner:
     """The runner of the last stage; each stage reads the one before it (the first, the base)."""
     base = plan.first.base
     if base.quantized is not None:  # block-FP8 / MXFP4: the dequantized tensors, float32, block by block
@@ -545,7 +576,8 @@ def stage_runners(plan: MergePlan, device: str, out: AsyncWriter, stack: ExitSta
     for stage in plan.stages:
         adapter = open_adapter(stage)
         stack.callback(adapter.close)
-        runner = OpRunner(stage, device, source, adapter, out if stage is plan else None)
+        last = stage is plan
+        runner = OpRunner(stage, device, source, adapter, out if last else None, reader if last else None)
         source = StageTensors(runner)
     return runner
 
