@@ -2,6 +2,11 @@
 
 Never the in-memory objects: the point is to catch what was lost on the way to disk (a dropped
 tensor, stale vocab_size, a head re-tied on load, untrained rows where trained ones belong).
+
+Memory stays a few row blocks whatever the model's size, as in the stream engine: every value check
+reads the output and the inputs block by block through the safetensors library (a different road
+than the engine's pread), and the LoRA check computes W_merged·x against W·x + s·B(A·x) one block of
+output rows at a time (Conv1D: of input rows, summed; DoRA on Conv1D and embeddings: norms first).
 """
 
 from __future__ import annotations
@@ -16,12 +21,16 @@ from .errors import InputFileError, MergerError
 from .inputs import confined, input_files, read_json
 from .keys import ADAPTER_FILES, CONFIG, SAFE_INDEX
 from .plan import MergePlan
-from .tensors import read_safetensors_header
+from .tensors import numel, read_safetensors_header
 from .tokenizer_facts import read_tokenizer_facts
 
 log = logging.getLogger(__name__)
 
 SAMPLED_MODULES = 8
+# Every value check reads row blocks of at most BLOCK_BYTES (counted as float32 work, as the stream
+# engine counts its blocks), so validation's memory is a few blocks whatever the model's size.
+BLOCK_BYTES = 16 << 20
+FLOAT_TAGS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 # fp32: merged vs unmerged differ only in the order of float operations (W+BA)x vs Wx+B(Ax)
 FP32_REL_TOL = 1e-4
 # bf16/fp16: the merged weights are rounded to 8 (11) significant bits once more than the reference
@@ -114,6 +123,7 @@ class OutputReader:
         counts = Counter(model_name(plan, op.out_key) for op in plan.ops)
         # several planned tensors that load into one model parameter (converted layouts): no 1:1 shapes
         self.fused = {m for m, c in counts.items() if c > 1}
+        self.tensors = LibraryTensors(folder, self.disk)  # by their names on disk, in row blocks
 
     def find(self, planned: str) -> str | None:
         """The name on disk of a planned tensor, or None when it is not there."""
@@ -126,10 +136,8 @@ class OutputReader:
         return model_name(self.plan, planned) not in self.fused
 
     def read(self, disk_name: str):
-        from safetensors import safe_open
-
-        with safe_open(str(self.folder / self.disk[disk_name].file), framework="pt") as handle:
-            return handle.get_tensor(disk_name)
+        """A whole tensor (the value checks read row blocks through ``self.tensors`` instead)."""
+        return self.tensors.read(disk_name)
 
     def get(self, planned: str):
         return self.read(self.find(planned))
@@ -163,6 +171,7 @@ def validate_output(out_dir: str | Path, plan: MergePlan, mode: str = "fast") ->
         report.fail("unreadable-file", str(exc))
         return report
     if report.ok:
+        release_freed_memory()
         _check_values(plan, reader, report)
     if report.ok and mode == "full":
         from .logits import check_logits
@@ -246,13 +255,7 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
 
 
 def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationReport) -> None:
-    import torch
-
-    bad = []
-    for name in reader.disk:
-        tensor = reader.read(name)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad.append(name)
+    bad = [name for name, meta in reader.disk.items() if meta.dtype in FLOAT_TAGS and not _all_finite(reader.tensors, name, meta.shape)]
     for name in bad:
         report.fail("non-finite", f"{name}: holds NaN or Inf values")
     report.checks.append("every tensor finite")
@@ -261,12 +264,12 @@ def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationRepor
     sample = _sample(lora_ops)
     worst = 0.0
     # a second opinion: the inputs are read through the safetensors library, not the engine's reader
-    adapter, base = open_independently(plan.adapter.folder, plan.adapter.tensors), open_independently(plan.base.folder, plan.base.tensors)
+    adapter, base = open_independently(plan.adapter.folder, plan.adapter.tensors), open_base(plan)
     try:
         tol = FP32_REL_TOL if plan.dtype == "float32" else LOW_PRECISION_REL_TOL.get(plan.dtype, 3e-2)
         _check_copies(plan, reader, base, report)
         for op in sample:
-            err = _module_error(op, plan, reader, adapter, base.read)
+            err = _module_error(op, plan, reader, adapter, base)
             worst = worse(worst, err)
             if exceeds(err, tol):
                 report.fail("lora-not-merged", f"{op.out_key}: W_merged·x differs from W·x + s·B(A·x) by {err:.2e} (relative; tolerance {tol:.0e}): the LoRA update is missing or wrong")
@@ -280,40 +283,212 @@ def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationRepor
         base.close()
 
 
-def _module_error(op, plan, reader, adapter, base_tensor) -> float:
-    """Relative error of the merged module applied to random inputs against the unmerged formula."""
+def release_freed_memory() -> None:
+    """Hand the heap memory an engine freed back to the system before the value checks allocate their
+    own blocks (glibc keeps freed blocks resident: measured +30 MB of peak at 3B; elsewhere a no-op)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+def row_step(shape) -> int:
+    """Rows of a tensor of this shape per block: BLOCK_BYTES of float32 at most, one row at least."""
+    return max(1, BLOCK_BYTES // max(1, numel(shape[1:]) * 4))
+
+
+def row_blocks(rows: int, shape):
+    """(start, stop) of consecutive row blocks covering ``rows`` rows of a tensor of ``shape``."""
+    step = row_step(shape)
+    return [(i, min(rows, i + step)) for i in range(0, rows, step)]
+
+
+def index_blocks(shape):
+    """Indexes that cover a tensor of ``shape`` in pieces of at most BLOCK_BYTES of float32 (one
+    innermost row at least): row blocks, or blocks of a deeper dimension when one row is too big
+    (a fused (experts, out, in) tensor)."""
+    import itertools
+
+    depth = 0
+    while depth < len(shape) - 1 and numel(shape[depth + 1:]) * 4 > BLOCK_BYTES:
+        depth += 1
+    step = row_step(shape[depth:])
+    for lead in itertools.product(*(range(n) for n in shape[:depth])):
+        for i in range(0, shape[depth], step):
+            yield lead + (slice(i, min(shape[depth], i + step)),)
+
+
+def _all_finite(tensors, name: str, shape) -> bool:
     import torch
 
-    from .lora import dora_weight, embedding_delta, grow_rows, linear_delta
-
-    merged = reader.get(op.out_key).float()
-    start = adapter.read(op.replace_key) if op.replace_key else base_tensor(op.base_key)
-    weight = start.float()
-    if weight.shape[0] != merged.shape[0]:  # a resized embedding or head: the engines' rule for grown rows
-        weight = grow_rows(weight, merged.shape[0], plan.options.new_rows)
-    a = adapter.read(op.lora.a_key).float()
-    b = adapter.read(op.lora.b_key).float()
-    gen = torch.Generator().manual_seed(0)
-    if op.lora.kind == "embedding":
-        rows = torch.randint(0, merged.shape[0], (16,), generator=gen)
-        if op.lora.magnitude_key:
-            full = dora_weight(weight, embedding_delta(a, b, op.lora.scale), adapter.read(op.lora.magnitude_key), fan_in_fan_out=True)
-            expected = full[rows]
-        else:
-            expected = weight[rows] + (a[:, rows].T @ b.T) * op.lora.scale
-        got = merged[rows]
+    if not shape:
+        blocks = (tensors.read(name),)
     else:
-        fan_in_fan_out = op.lora.kind == "conv1d"
-        in_features = weight.shape[0] if fan_in_fan_out else weight.shape[1]
-        x = torch.randn(in_features, 4, generator=gen)
-        w_oriented = weight.T if fan_in_fan_out else weight
-        if op.lora.magnitude_key:
-            full = dora_weight(weight, linear_delta(a, b, op.lora.scale, fan_in_fan_out), adapter.read(op.lora.magnitude_key), fan_in_fan_out)
-            expected = (full.T if fan_in_fan_out else full) @ x
+        blocks = (tensors.slice(name, index) for index in index_blocks(shape))
+    for block in blocks:
+        if block.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            block = block.float()  # float8: sums and isfinite are defined on the wider types
+        # a sum is finite only when every element is (NaN propagates; an infinity is not cancelled by
+        # finite values, and +inf + -inf is NaN) and costs a sixth of isfinite, which decides only
+        # when the sum is not finite (it may have overflowed)
+        if not math.isfinite(float(block.sum())) and not torch.isfinite(block).all():
+            return False
+    return True
+
+
+def _runs(indices) -> list[tuple[int, int]]:
+    """Consecutive runs [start, stop) covering the distinct ``indices``, in ascending order."""
+    runs: list[list[int]] = []
+    for index in sorted(set(indices)):
+        if runs and runs[-1][1] == index:
+            runs[-1][1] = index + 1
         else:
-            expected = w_oriented @ x + op.lora.scale * (b @ (a @ x))
-        got = (merged.T if fan_in_fan_out else merged) @ x
-    return float((got - expected).norm() / max(expected.norm().item(), 1e-12))
+            runs.append([index, index + 1])
+    return [(i, j) for i, j in runs]
+
+
+def gather(tensors, key: str, indices, dim: int = 0):
+    """Rows (``dim=0``) or columns (``dim=1``) at ``indices`` (any order, repeats allowed) in
+    float32, one read per run of consecutive indices."""
+    import torch
+
+    runs = _runs(indices)
+    pieces = tensors.pieces(key, [(slice(i, j),) if dim == 0 else (slice(None), slice(i, j)) for i, j in runs])
+    stacked = torch.cat([p.float() for p in pieces], dim=dim) if len(pieces) > 1 else pieces[0].float()
+    if list(indices) == sorted(set(indices)):  # ascending, no repeats: already in place
+        return stacked
+    position, offset = {}, 0
+    for i, j in runs:
+        for index in range(i, j):
+            position[index] = offset + index - i
+        offset += j - i
+    return stacked.index_select(dim, torch.tensor([position[i] for i in indices], dtype=torch.long))
+
+
+class StartRows:
+    """Rows of a module's start weight in float32, as the engines build it: the base's rows (or the
+    adapter's replacement), truncated or grown to ``rows`` with the new-rows rule (lora.grow_rows on
+    the float32 weight: the mean of the existing rows, or zeros)."""
+
+    def __init__(self, tensors, key: str, shape, rows: int, rule: str):
+        self.tensors, self.key, self.shape, self.rows, self.rule = tensors, key, tuple(shape), rows, rule
+        self.have = min(shape[0], rows)
+        self._fill = None
+
+    def __call__(self, i: int, j: int):
+        import torch
+
+        k = min(j, self.have)
+        parts = [self.tensors.slice(self.key, slice(i, k)).float()] if i < k else []
+        if j > max(i, self.have):
+            parts.append(self.fill().expand(j - max(i, self.have), *self.shape[1:]))
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
+
+    def at(self, indices):
+        """Rows at ``indices`` (any order)."""
+        import torch
+
+        read = [r for r in indices if r < self.have]
+        known = dict(zip(read, gather(self.tensors, self.key, read))) if read else {}
+        return torch.stack([known[r] if r in known else self.fill()[0] for r in indices])
+
+    def fill(self):
+        import torch
+
+        if self._fill is None:
+            if self.rule == "zeros" or self.shape[0] == 0:
+                self._fill = torch.zeros((1,) + self.shape[1:])
+            else:
+                total = torch.zeros(self.shape[1:], dtype=torch.float64)
+                for i, j in row_blocks(self.shape[0], self.shape):
+                    total += self.tensors.slice(self.key, i, j).sum(dim=0, dtype=torch.float64)
+                self._fill = (total / self.shape[0]).float().unsqueeze(0)
+        return self._fill
+
+
+class ErrorNorm:
+    """‖got - expected‖ / ‖expected‖ accumulated block by block: squares of float32 block norms summed
+    as Python floats (no float64 copy of a block; NaN stays NaN)."""
+
+    def __init__(self):
+        self.diff = self.ref = 0.0
+
+    def add(self, got, expected) -> None:
+        from torch.linalg import vector_norm
+
+        self.diff += float(vector_norm(got - expected)) ** 2
+        self.ref += float(vector_norm(expected)) ** 2
+
+    def value(self) -> float:
+        return math.sqrt(self.diff) / max(math.sqrt(self.ref), 1e-12)
+
+
+def _module_error(op, plan, reader, adapter, base) -> float:
+    """Relative error of the merged module applied to random inputs against the unmerged formula,
+    computed over row blocks of the merged weight and of its start."""
+    import torch
+
+    from .lora import dora_weight, linear_delta
+
+    out_name = reader.find(op.out_key)
+    shape = tuple(reader.disk[out_name].shape)
+    source, key = (adapter, op.replace_key) if op.replace_key else (base, op.base_key)
+    start_meta = (plan.adapter.tensors if op.replace_key else plan.base.tensors)[key]
+    start = StartRows(source, key, start_meta.shape, shape[0], plan.options.new_rows)
+    lora, error = op.lora, ErrorNorm()
+    magnitude = adapter.read(lora.magnitude_key).float() if lora.magnitude_key else None
+    gen = torch.Generator().manual_seed(0)
+    if lora.kind == "embedding":  # (num, dim): sampled rows; A is (r, num), B is (dim, r)
+        rows = torch.randint(0, shape[0], (16,), generator=gen).tolist()
+        b = adapter.read(lora.b_key).float()
+        expected = start.at(rows) + (gather(adapter, lora.a_key, rows, dim=1).T @ b.T) * lora.scale
+        if magnitude is not None:  # PEFT normalises each embedding column over all rows
+            expected = expected * (magnitude.view(1, -1) / _column_norms(start, shape, lambda i, j: (
+                b @ adapter.slice(lora.a_key, (slice(None), slice(i, j))).float()).T * lora.scale))
+        error.add(gather(reader.tensors, out_name, rows), expected * op.multiply)
+        return error.value()
+    a = adapter.read(lora.a_key).float()
+    if lora.kind == "conv1d":  # (in, out), y = Wᵀx: blocks of input rows, summed
+        b = adapter.read(lora.b_key).float()
+        x = torch.randn(shape[0], 4, generator=gen)
+        got = torch.zeros(shape[1], 4)
+        expected = lora.scale * (b @ (a @ x))
+        factor = None
+        if magnitude is not None:  # PEFT normalises each Conv1D output column over all input rows
+            def delta(i, j):
+                return linear_delta(a[:, i:j], b, lora.scale, fan_in_fan_out=True)
+            factor = magnitude.view(1, -1) / _column_norms(start, shape, delta)
+            expected = torch.zeros(shape[1], 4)
+        for i, j in row_blocks(shape[0], shape):
+            got += reader.tensors.slice(out_name, i, j).float().T @ x[i:j]
+            if factor is None:
+                expected += start(i, j).T @ x[i:j]
+            else:
+                expected += ((start(i, j) + delta(i, j)) * factor).T @ x[i:j]
+        error.add(got, expected * op.multiply)
+        return error.value()
+    x = torch.randn(shape[1], 4, generator=gen)  # linear (out, in): output rows are independent
+    ax = a @ x
+    for i, j in row_blocks(shape[0], shape):
+        b = adapter.slice(lora.b_key, slice(i, j)).float()
+        if magnitude is None:
+            expected = start(i, j) @ x + lora.scale * (b @ ax)
+        else:  # DoRA's norm is per output row: exact block by block
+            expected = dora_weight(start(i, j), linear_delta(a, b, lora.scale), magnitude[i:j]) @ x
+        error.add(reader.tensors.slice(out_name, i, j).float() @ x, expected * op.multiply)
+    return error.value()
+
+
+def _column_norms(start: StartRows, shape, delta):
+    """‖W + ΔW‖ per column over all rows, from row blocks; ``delta(i, j)`` gives ΔW's rows."""
+    import torch
+
+    squares = torch.zeros(shape[1], dtype=torch.float64)
+    for i, j in row_blocks(shape[0], shape):
+        squares += (start(i, j) + delta(i, j)).pow(2).sum(dim=0, dtype=torch.float64)
+    return squares.sqrt().float().view(1, -1)
 
 
 def _check_new_rows(plan, reader, adapter, report, tol) -> None:
@@ -327,24 +502,32 @@ def _check_new_rows(plan, reader, adapter, report, tol) -> None:
             continue
         if op is None or reader.find(op.out_key) is None:
             continue
-        got = reader.get(op.out_key).float()
         if op.token_rows_key:  # trained token rows overwrite whatever the start held
             rows = list(op.token_indices)
-            expected = adapter.read(op.token_rows_key).float()
+
+            def expected_rows(c0, c1, rows=rows, key=op.token_rows_key):
+                return adapter.slice(key, slice(c0, c1)).float()
         elif op.replace_key:
-            source = adapter.read(op.replace_key).float()
-            rows = [r for r in decision.grown_rows if r < source.shape[0]] or [source.shape[0] - 1]
-            expected = source[rows]
+            source_rows = plan.adapter.tensors[op.replace_key].shape[0]
+            rows = [r for r in decision.grown_rows if r < source_rows] or [source_rows - 1]
+
+            def expected_rows(c0, c1, rows=rows, key=op.replace_key):
+                return gather(adapter, key, rows[c0:c1])
         else:
             continue
         if op.lora and op.lora.kind == "embedding" and op.lora.magnitude_key:
             continue  # DoRA rescales every column by norms over all rows: the module check covers it
-        if op.lora and op.lora.kind == "embedding":
-            a, b = adapter.read(op.lora.a_key).float(), adapter.read(op.lora.b_key).float()
-            expected = expected + (a[:, rows].T @ b.T) * op.lora.scale
-        elif op.lora:
+        if op.lora and op.lora.kind != "embedding":
             continue  # head LoRA rows are covered by the module check
-        err = float((got[rows] - expected).norm() / max(expected.norm().item(), 1e-12))
+        out_name = reader.find(op.out_key)
+        b = adapter.read(op.lora.b_key).float() if op.lora else None
+        error = ErrorNorm()
+        for c0, c1 in row_blocks(len(rows), reader.disk[out_name].shape):
+            expected = expected_rows(c0, c1)
+            if op.lora:
+                expected = expected + (gather(adapter, op.lora.a_key, rows[c0:c1], dim=1).T @ b.T) * op.lora.scale
+            error.add(gather(reader.tensors, out_name, rows[c0:c1]), expected * op.multiply)  # multiply: drift.py
+        err = error.value()
         report.metrics["max_rel_error_new_rows"] = worse(report.metrics.get("max_rel_error_new_rows", 0.0), err)
         if exceeds(err, tol):
             report.fail("new-rows-lost", f"{op.out_key}: rows {rows[0]}-{rows[-1]} differ from the adapter's trained values by {err:.2e} (relative): the trained new-token rows were lost")
@@ -364,53 +547,144 @@ def _check_copies(plan, reader, base, report) -> None:
     """Sampled tensors the plan copies (or only grows) hold the base's values, bit for bit after the cast.
 
     The engine reads the base through its own offsets; this re-reads it through the safetensors
-    library, so a reader that took the wrong bytes cannot pass.
+    library, so a reader that took the wrong bytes cannot pass. Compared block by block.
     """
-    import torch
-
-    copies = [op for op in plan.ops if op.base_key and not (op.lora or op.replace_key or op.token_rows_key or op.parameter_lora)
-              and reader.find(op.out_key) and reader.one_to_one(op.out_key) and op.base_key in plan.base.tensors]
-    wrong = []
-    for op in _sample(copies):
-        got, start = reader.get(op.out_key), base.read(op.base_key)
-        rows = min(start.shape[0], got.shape[0]) if start.dim() else None
-        if rows is not None:
-            got, start = got[:rows], start[:rows]
-        expected = start.to(got.dtype) if start.is_floating_point() and got.is_floating_point() else start
-        if got.shape != expected.shape or not torch.equal(got, expected):
-            wrong.append(op.out_key)
+    copies = [op for op in plan.ops if op.base_key and not (op.lora or op.replace_key or op.token_rows_key or op.parameter_lora or op.multiply != 1.0)
+              and reader.find(op.out_key) and reader.one_to_one(op.out_key) and op.base_key in plan.base.tensors
+              and base.exact(op.base_key)]
+    wrong = [op.out_key for op in _sample(copies) if not _copy_equal(reader, reader.find(op.out_key), base, op.base_key, plan.base.tensors[op.base_key].shape)]
     for key in wrong:
         report.fail("copy-differs", f"{key}: differs from the base tensor it copies (read back through the safetensors library)")
     if copies:
         report.checks.append(f"{min(len(copies), SAMPLED_MODULES)} sampled copied tensors equal the base's")
 
 
+def _copy_equal(reader, out_name: str, base, base_key: str, base_shape) -> bool:
+    """The output tensor's rows equal the base's (the rows both have: a grown copy adds rows)."""
+    import torch
+
+    got_shape, base_shape = tuple(reader.disk[out_name].shape), tuple(base_shape)
+    if not got_shape or not base_shape:
+        pairs = [(reader.tensors.read(out_name), base.read(base_key))]
+    elif got_shape[1:] != base_shape[1:]:
+        return False
+    else:
+        common = (min(got_shape[0], base_shape[0]),) + got_shape[1:]
+        pairs = ((reader.tensors.slice(out_name, index), base.slice(base_key, index)) for index in index_blocks(common))
+    for got, start in pairs:
+        expected = start.to(got.dtype) if start.is_floating_point() and got.is_floating_point() else start
+        if got.shape != expected.shape or not torch.equal(got, expected):
+            return False
+    return True
+
+
 class LibraryTensors:
-    """Tensors read through the safetensors library (``safe_open``), independent of the engine's reader."""
+    """Tensors read through the safetensors library (``safe_open``), independent of the engine's reader.
+
+    The library hands out views of a mapping of the whole file, alive while the handle or any view
+    is: every page a view touched counts as this process's memory until then. So each read opens
+    the file, and a block's pages leave the process with the block.
+    """
 
     def __init__(self, folder: Path, metas: dict):
         self.folder, self.metas = folder, metas
-        self.handles: dict = {}
 
-    def read(self, key: str):
+    def pieces(self, key: str, indexes: list) -> list:
+        """``tensor[index]`` for each index (tuples of ints and slices), from one opening of the file."""
         from safetensors import safe_open
 
-        name = self.metas[key].file
-        if name not in self.handles:
-            self.handles[name] = safe_open(str(self.folder / name), framework="pt").__enter__()
-        return self.handles[name].get_tensor(key)
+        with safe_open(str(self.folder / self.metas[key].file), framework="pt") as handle:
+            tensor_slice = handle.get_slice(key)
+            return [tensor_slice[index] for index in indexes]
+
+    def slice(self, key: str, index, stop: int | None = None):
+        """Rows [index, stop) when ``stop`` is given, else ``tensor[index]``."""
+        return self.pieces(key, [slice(index, stop) if stop is not None else index])[0]
+
+    def read(self, key: str):
+        """The whole tensor (for small ones: adapter matrices, scalars)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.metas[key].file), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+    def exact(self, key: str) -> bool:
+        return True  # stored bytes
 
     def close(self) -> None:
-        for handle in self.handles.values():
-            handle.__exit__(None, None, None)
-        self.handles = {}
+        pass  # nothing stays open between reads
+
+
+class LoadedTensors:
+    """Legacy pickle files (adapter_model.bin, pytorch_model*.bin), loaded whole (a pickle has no
+    header to seek in), with LibraryTensors' interface."""
+
+    def __init__(self, *paths: Path):
+        from .engines.stream import PickledTensors
+
+        self.state = PickledTensors(*paths).state
+
+    def pieces(self, key: str, indexes: list) -> list:
+        return [self.state[key][index] for index in indexes]
+
+    def slice(self, key: str, index, stop: int | None = None):
+        return self.state[key][slice(index, stop) if stop is not None else index]
+
+    def read(self, key: str):
+        return self.state[key]
+
+    def exact(self, key: str) -> bool:
+        return True
+
+    def close(self) -> None:
+        self.state = {}
+
+
+class WholeTensors:
+    """LibraryTensors' interface over a reader of whole tensors (stage_reference.ComputedStage: what an
+    earlier stage of a stack wrote, recomputed); blocks are cut from the last tensor read, kept."""
+
+    def __init__(self, source):
+        self.source, self.key, self.tensor = source, None, None
+
+    def read(self, key: str):
+        if key != self.key:
+            self.key, self.tensor = None, None  # one tensor at a time
+            self.tensor, self.key = self.source.read(key), key
+        return self.tensor
+
+    def pieces(self, key: str, indexes: list) -> list:
+        tensor = self.read(key)
+        return [tensor[index] for index in indexes]
+
+    def slice(self, key: str, index, stop: int | None = None):
+        return self.read(key)[slice(index, stop) if stop is not None else index]
+
+    def exact(self, key: str) -> bool:
+        """True when the stages left the base's bytes as they were (copies compare bit for bit)."""
+        return self.source.exact(key)
+
+    def close(self) -> None:
+        self.key = self.tensor = None
+        self.source.close()
+
+
+def open_base(plan: MergePlan):
+    """The tensors ``plan`` starts from, read independently of the engines: the base checkpoint (a
+    quantized one as the dequantized model it stands for), or for a later stage of a stack, the
+    earlier stages' output recomputed from the base."""
+    if plan.previous is not None:
+        from .stage_reference import ComputedStage
+
+        return WholeTensors(ComputedStage(plan.previous))
+    from .engines.dequant_source import dequantized_reference
+
+    return dequantized_reference(plan.base) or open_independently(plan.base.folder, plan.base.tensors)
 
 
 def open_independently(folder: Path, metas: dict):
     """A reader of a folder's tensors that shares no code with the stream engine's."""
-    from .engines.stream import PickledTensors
-
     files = sorted({m.file for m in metas.values()})
     if all(name.endswith(".safetensors") for name in files):
         return LibraryTensors(folder, metas)
-    return PickledTensors(*(folder / name for name in files))
+    return LoadedTensors(*(folder / name for name in files))

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
-"""Benchmark: stream engine vs PEFT engine vs `cp -r`, side by side in one run.
+"""Benchmark: stream engine (without and with validation) vs PEFT engine vs `cp -r`, side by side.
 
 Builds a synthetic Llama in bf16 with 1 GB shards (TinyLlama shape by default, ~1.1B parameters)
 and a MedicalGPT-style adapter (vocabulary 32000 -> 33296, r=64 on every linear layer,
 modules_to_save embed_tokens + lm_head), then runs each contender in a fresh process,
 alternating, several repetitions, and reports median wall time and peak RSS (from wait4, per
 process) with ratios. A benchmark, not a test: the numbers go in the README.
+
+Contenders: `cp -r` + `sync` (the disk floor), the stream engine with `--validate off` (the merge
+alone) and with `--validate fast` (what a plain `merge-adapter` run does: the merge, then the
+output read back and checked), and the PEFT engine with `--validate` (default off).
 
     python scripts/bench.py                      # 1.1B, 3 repetitions
     python scripts/bench.py --shape 3b --reps 2  # ~3B: the stream engine's memory must not grow
@@ -128,8 +132,10 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", help="where to build (default: a temporary folder)")
-    parser.add_argument("--validate", default="off", choices=["off", "fast"], help="validation during the timed merges")
+    parser.add_argument("--validate", default="off", choices=["off", "fast"],
+                        help="validation during the PEFT engine's timed merges (the stream engine runs with both)")
     parser.add_argument("--skip-peft", action="store_true", help="time only cp and the stream engine")
+    parser.add_argument("--skip-validated", action="store_true", help="leave out the stream engine with --validate fast")
     parser.add_argument("--build-only", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.build_only:
@@ -137,6 +143,15 @@ def main() -> None:
         return
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="merger-bench-"))
+    try:
+        run(args, root)
+    finally:  # a failed contender must not leave gigabytes in /tmp
+        shutil.rmtree(root / "out", ignore_errors=True)
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def run(args, root: Path) -> None:
     t0 = time.perf_counter()
     # built in a child: this process must stay small, since a forked child's peak RSS starts from ours
     if not (root / "adapter" / "adapter_config.json").is_file():  # --workdir keeps a built pair for reruns
@@ -146,15 +161,19 @@ def main() -> None:
     print(f"built {args.shape}: base {size / 1e9:.2f} GB in {len(list(base.glob('*.safetensors')))} shards, "
           f"adapter {(adapter / 'adapter_model.safetensors').stat().st_size / 1e9:.2f} GB ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    merge = [sys.executable, "-m", "merger", "--base", str(base), "--adapter", str(adapter), "--overwrite",
-             "-q", "--validate", args.validate, "--max-shard-size", "1GB"]
+    def merge(engine: str, validate: str):
+        return lambda out: [sys.executable, "-m", "merger", "--base", str(base), "--adapter", str(adapter), "--overwrite",
+                            "-q", "--validate", validate, "--max-shard-size", "1GB", "--engine", engine, "--out", str(out)]
+
     contenders = {
         # merger fsyncs what it writes before the rename, so the fair floor syncs too
         "cp -r + sync (floor)": lambda out: ["sh", "-c", f"cp -r '{base}' '{out}' && sync"],
-        "stream engine": lambda out: merge + ["--engine", "stream", "--out", str(out)],
+        "stream engine": merge("stream", "off"),
     }
+    if not args.skip_validated:
+        contenders["stream + validate fast"] = merge("stream", "fast")
     if not args.skip_peft:
-        contenders["peft engine"] = lambda out: merge + ["--engine", "peft", "--out", str(out)]
+        contenders[f"peft engine{' + validate fast' if args.validate == 'fast' else ''}"] = merge("peft", args.validate)
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in contenders}
     for rep in range(args.reps):
         for name, make in contenders.items():  # alternating, so drift hits every contender alike
@@ -163,19 +182,20 @@ def main() -> None:
             subprocess.run(["sync"])
             wall, rss = run_measured(make(out))
             results[name].append((wall, rss))
-            print(f"  rep {rep + 1} {name:14s} {wall:7.1f} s  peak RSS {rss / 1e9:5.2f} GB", flush=True)
-    shutil.rmtree(root / "out", ignore_errors=True)
+            print(f"  rep {rep + 1} {name:28s} {wall:7.1f} s  peak RSS {rss / 1e9:5.2f} GB", flush=True)
 
     med = {name: (statistics.median(w for w, _ in runs), statistics.median(r for _, r in runs)) for name, runs in results.items()}
-    ref = med.get("peft engine")
+    ref = next((value for name, value in med.items() if name.startswith("peft engine")), None)
     print(f"\n| {args.shape} ({size / 1e9:.1f} GB bf16), median of {args.reps} | wall s | peak RSS GB | wall vs peft | RSS vs peft | wall vs cp |")
     print("|---|---|---|---|---|---|")
     for name, (wall, rss) in med.items():
         vs_peft = f"{wall / ref[0]:.2f}x" if ref else "-"
         rss_peft = f"{rss / ref[1]:.2f}x" if ref else "-"
         print(f"| {name} | {wall:.1f} | {rss / 1e9:.2f} | {vs_peft} | {rss_peft} | {wall / med['cp -r + sync (floor)'][0]:.1f}x |")
-    if not args.workdir:
-        shutil.rmtree(root, ignore_errors=True)
+    if "stream + validate fast" in med:
+        (off_wall, off_rss), (fast_wall, fast_rss) = med["stream engine"], med["stream + validate fast"]
+        print(f"\nvalidate fast on the stream engine: {fast_wall - off_wall:+.1f} s ({fast_wall / off_wall:.2f}x the merge alone), "
+              f"peak RSS {fast_rss / 1e9:.2f} GB vs {off_rss / 1e9:.2f} GB ({fast_rss / off_rss:.2f}x)")
 
 
 if __name__ == "__main__":
