@@ -13,20 +13,21 @@ class ComputedStage:
     """``read(key)``: the output tensor ``key`` of ``plan``'s stage (its earlier stages included)."""
 
     def __init__(self, plan):
-        from .validate import open_independently
+        from .engines.dequant_source import dequantized_reference
+        from .validation_io import open_independently
 
         self.plan = plan
         self.ops = {op.out_key: op for op in plan.ops}
         if plan.previous is not None:
             self.source = ComputedStage(plan.previous)
-        else:
-            self.source = open_independently(plan.base.folder, plan.base.tensors)
+        else:  # a quantized base as the dequantized model it stands for
+            self.source = dequantized_reference(plan.base) or open_independently(plan.base.folder, plan.base.tensors)
         self.adapter = open_independently(plan.adapter.folder, plan.adapter.tensors)
 
     def exact(self, key: str) -> bool:
         """True when the tensor is the base's own bytes through every stage (a copy, cast aside)."""
         op = self.ops[key]
-        if op.lora or op.expert or op.token_rows_key or op.replace_key or op.multiply != 1.0 or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
+        if op.lora or op.expert or op.requantize or op.token_rows_key or op.replace_key or op.multiply != 1.0 or (op.shape and op.grow_from_rows not in (None, op.shape[0])):
             return False
         return not isinstance(self.source, ComputedStage) or self.source.exact(op.base_key)
 
@@ -37,6 +38,10 @@ class ComputedStage:
 
         op = self.ops[key]
         start = self.adapter.read(op.replace_key) if op.replace_key else self.source.read(op.base_key)
+        if op.requantize:
+            from .quantized import nf4_round_trip
+
+            start = nf4_round_trip(start)
         if not start.is_floating_point() or not op.shape:
             return start
         weight = start.float()

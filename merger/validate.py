@@ -21,15 +21,24 @@ from .errors import InputFileError, MergerError
 from .inputs import confined, input_files, read_json
 from .keys import ADAPTER_FILES, CONFIG, SAFE_INDEX
 from .plan import MergePlan
-from .tensors import numel, read_safetensors_header
+from .tensors import read_safetensors_header
 from .tokenizer_facts import read_tokenizer_facts
+from .validation_io import (  # noqa: F401 (LibraryTensors, index_blocks: re-exported, the readers' old home)
+    ErrorNorm,
+    LibraryTensors,
+    StartRows,
+    all_finite,
+    gather,
+    index_blocks,
+    open_base,
+    open_independently,
+    release_freed_memory,
+    row_blocks,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLED_MODULES = 8
-# Every value check reads row blocks of at most BLOCK_BYTES (counted as float32 work, as the stream
-# engine counts its blocks), so validation's memory is a few blocks whatever the model's size.
-BLOCK_BYTES = 16 << 20
 FLOAT_TAGS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E8M0"}
 # fp32: merged vs unmerged differ only in the order of float operations (W+BA)x vs Wx+B(Ax)
 FP32_REL_TOL = 1e-4
@@ -255,12 +264,16 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
 
 
 def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationReport) -> None:
-    bad = [name for name, meta in reader.disk.items() if meta.dtype in FLOAT_TAGS and not _all_finite(reader.tensors, name, meta.shape)]
+    bad = [name for name, meta in reader.disk.items() if meta.dtype in FLOAT_TAGS and not all_finite(reader.tensors, name, meta.shape)]
     for name in bad:
         report.fail("non-finite", f"{name}: holds NaN or Inf values")
     report.checks.append("every tensor finite")
 
-    lora_ops = [op for op in plan.ops if op.lora and reader.find(op.out_key) and reader.one_to_one(op.out_key)]
+    def checkable(op) -> bool:  # found on disk with its planned shape (per-expert tensors: by their own name)
+        return bool(reader.find(op.out_key)) and (reader.one_to_one(op.out_key) or (
+            op.out_key in reader.disk and tuple(reader.disk[op.out_key].shape) == tuple(op.shape)))
+
+    lora_ops = [op for op in plan.ops if (op.lora or op.expert) and checkable(op)]
     sample = _sample(lora_ops)
     worst = 0.0
     # a second opinion: the inputs are read through the safetensors library, not the engine's reader
@@ -269,7 +282,7 @@ def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationRepor
         tol = FP32_REL_TOL if plan.dtype == "float32" else LOW_PRECISION_REL_TOL.get(plan.dtype, 3e-2)
         _check_copies(plan, reader, base, report)
         for op in sample:
-            err = _module_error(op, plan, reader, adapter, base)
+            err = _expert_error(op, plan, reader, adapter, base) if op.expert else _module_error(op, plan, reader, adapter, base)
             worst = worse(worst, err)
             if exceeds(err, tol):
                 report.fail("lora-not-merged", f"{op.out_key}: W_merged·x differs from W·x + s·B(A·x) by {err:.2e} (relative; tolerance {tol:.0e}): the LoRA update is missing or wrong")
@@ -281,148 +294,6 @@ def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationRepor
     finally:
         adapter.close()
         base.close()
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory an engine freed back to the system before the value checks allocate their
-    own blocks (glibc keeps freed blocks resident: measured +30 MB of peak at 3B; elsewhere a no-op)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def row_step(shape) -> int:
-    """Rows of a tensor of this shape per block: BLOCK_BYTES of float32 at most, one row at least."""
-    return max(1, BLOCK_BYTES // max(1, numel(shape[1:]) * 4))
-
-
-def row_blocks(rows: int, shape):
-    """(start, stop) of consecutive row blocks covering ``rows`` rows of a tensor of ``shape``."""
-    step = row_step(shape)
-    return [(i, min(rows, i + step)) for i in range(0, rows, step)]
-
-
-def index_blocks(shape):
-    """Indexes that cover a tensor of ``shape`` in pieces of at most BLOCK_BYTES of float32 (one
-    innermost row at least): row blocks, or blocks of a deeper dimension when one row is too big
-    (a fused (experts, out, in) tensor)."""
-    import itertools
-
-    depth = 0
-    while depth < len(shape) - 1 and numel(shape[depth + 1:]) * 4 > BLOCK_BYTES:
-        depth += 1
-    step = row_step(shape[depth:])
-    for lead in itertools.product(*(range(n) for n in shape[:depth])):
-        for i in range(0, shape[depth], step):
-            yield lead + (slice(i, min(shape[depth], i + step)),)
-
-
-def _all_finite(tensors, name: str, shape) -> bool:
-    import torch
-
-    if not shape:
-        blocks = (tensors.read(name),)
-    else:
-        blocks = (tensors.slice(name, index) for index in index_blocks(shape))
-    for block in blocks:
-        if block.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            block = block.float()  # float8: sums and isfinite are defined on the wider types
-        # a sum is finite only when every element is (NaN propagates; an infinity is not cancelled by
-        # finite values, and +inf + -inf is NaN) and costs a sixth of isfinite, which decides only
-        # when the sum is not finite (it may have overflowed)
-        if not math.isfinite(float(block.sum())) and not torch.isfinite(block).all():
-            return False
-    return True
-
-
-def _runs(indices) -> list[tuple[int, int]]:
-    """Consecutive runs [start, stop) covering the distinct ``indices``, in ascending order."""
-    runs: list[list[int]] = []
-    for index in sorted(set(indices)):
-        if runs and runs[-1][1] == index:
-            runs[-1][1] = index + 1
-        else:
-            runs.append([index, index + 1])
-    return [(i, j) for i, j in runs]
-
-
-def gather(tensors, key: str, indices, dim: int = 0):
-    """Rows (``dim=0``) or columns (``dim=1``) at ``indices`` (any order, repeats allowed) in
-    float32, one read per run of consecutive indices."""
-    import torch
-
-    runs = _runs(indices)
-    pieces = tensors.pieces(key, [(slice(i, j),) if dim == 0 else (slice(None), slice(i, j)) for i, j in runs])
-    stacked = torch.cat([p.float() for p in pieces], dim=dim) if len(pieces) > 1 else pieces[0].float()
-    if list(indices) == sorted(set(indices)):  # ascending, no repeats: already in place
-        return stacked
-    position, offset = {}, 0
-    for i, j in runs:
-        for index in range(i, j):
-            position[index] = offset + index - i
-        offset += j - i
-    return stacked.index_select(dim, torch.tensor([position[i] for i in indices], dtype=torch.long))
-
-
-class StartRows:
-    """Rows of a module's start weight in float32, as the engines build it: the base's rows (or the
-    adapter's replacement), truncated or grown to ``rows`` with the new-rows rule (lora.grow_rows on
-    the float32 weight: the mean of the existing rows, or zeros)."""
-
-    def __init__(self, tensors, key: str, shape, rows: int, rule: str):
-        self.tensors, self.key, self.shape, self.rows, self.rule = tensors, key, tuple(shape), rows, rule
-        self.have = min(shape[0], rows)
-        self._fill = None
-
-    def __call__(self, i: int, j: int):
-        import torch
-
-        k = min(j, self.have)
-        parts = [self.tensors.slice(self.key, slice(i, k)).float()] if i < k else []
-        if j > max(i, self.have):
-            parts.append(self.fill().expand(j - max(i, self.have), *self.shape[1:]))
-        return torch.cat(parts) if len(parts) > 1 else parts[0]
-
-    def at(self, indices):
-        """Rows at ``indices`` (any order)."""
-        import torch
-
-        read = [r for r in indices if r < self.have]
-        known = dict(zip(read, gather(self.tensors, self.key, read))) if read else {}
-        return torch.stack([known[r] if r in known else self.fill()[0] for r in indices])
-
-    def fill(self):
-        import torch
-
-        if self._fill is None:
-            if self.rule == "zeros" or self.shape[0] == 0:
-                self._fill = torch.zeros((1,) + self.shape[1:])
-            else:
-                total = torch.zeros(self.shape[1:], dtype=torch.float64)
-                for i, j in row_blocks(self.shape[0], self.shape):
-                    total += self.tensors.slice(self.key, i, j).sum(dim=0, dtype=torch.float64)
-                self._fill = (total / self.shape[0]).float().unsqueeze(0)
-        return self._fill
-
-
-class ErrorNorm:
-    """‖got - expected‖ / ‖expected‖ accumulated block by block: squares of float32 block norms summed
-    as Python floats (no float64 copy of a block; NaN stays NaN)."""
-
-    def __init__(self):
-        self.diff = self.ref = 0.0
-
-    def add(self, got, expected) -> None:
-        from torch.linalg import vector_norm
-
-        self.diff += float(vector_norm(got - expected)) ** 2
-        self.ref += float(vector_norm(expected)) ** 2
-
-    def value(self) -> float:
-        return math.sqrt(self.diff) / max(math.sqrt(self.ref), 1e-12)
 
 
 def _module_error(op, plan, reader, adapter, base) -> float:
@@ -478,6 +349,35 @@ def _module_error(op, plan, reader, adapter, base) -> float:
         else:  # DoRA's norm is per output row: exact block by block
             expected = dora_weight(start(i, j), linear_delta(a, b, lora.scale), magnitude[i:j]) @ x
         error.add(reader.tensors.slice(out_name, i, j).float() @ x, expected * op.multiply)
+    return error.value()
+
+
+def _expert_error(op, plan, reader, adapter, base) -> float:
+    """Relative error of a stacked-expert LoRA's tensor: W_merged·x against W·x + ΔW_e·x for one expert's
+    tensor, or for the first and last experts of a stack, ΔW_e built here by PEFT's definition
+    (B_e = B[:, r·E + e], A_e = A[e·r:(e+1)·r]), independently of the engine's batched factors."""
+    import torch
+
+    delta = op.expert
+    out_name = reader.find(op.out_key)
+    shape = tuple(reader.disk[out_name].shape)
+    a, b = adapter.read(delta.a_key).float(), adapter.read(delta.b_key).float()
+    rank = a.shape[0] // delta.experts
+    gen = torch.Generator().manual_seed(0)
+    error = ErrorNorm()
+    experts = [delta.expert] if delta.expert is not None else sorted({0, delta.experts - 1})
+    for expert in experts:
+        update = b[:, [r * delta.experts + expert for r in range(rank)]] @ a[expert * rank:(expert + 1) * rank]
+        update = (update if delta.b_first else update.T) * delta.scale
+        rows = shape[0] if delta.expert is not None else shape[1]
+        update = update[delta.row_offset:delta.row_offset + rows] if delta.expert is not None else update
+        x = torch.randn(update.shape[1], 4, generator=gen)
+        got, expected = [], []
+        for i, j in row_blocks(rows, update.shape):
+            index = (slice(i, j),) if delta.expert is not None else (expert, slice(i, j))
+            got.append(reader.tensors.pieces(out_name, [index])[0].float() @ x)
+            expected.append(base.pieces(op.base_key, [index])[0].float() @ x + update[i:j] @ x)
+        error.add(torch.cat(got), torch.cat(expected))
     return error.value()
 
 
@@ -578,113 +478,3 @@ def _copy_equal(reader, out_name: str, base, base_key: str, base_shape) -> bool:
     return True
 
 
-class LibraryTensors:
-    """Tensors read through the safetensors library (``safe_open``), independent of the engine's reader.
-
-    The library hands out views of a mapping of the whole file, alive while the handle or any view
-    is: every page a view touched counts as this process's memory until then. So each read opens
-    the file, and a block's pages leave the process with the block.
-    """
-
-    def __init__(self, folder: Path, metas: dict):
-        self.folder, self.metas = folder, metas
-
-    def pieces(self, key: str, indexes: list) -> list:
-        """``tensor[index]`` for each index (tuples of ints and slices), from one opening of the file."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.folder / self.metas[key].file), framework="pt") as handle:
-            tensor_slice = handle.get_slice(key)
-            return [tensor_slice[index] for index in indexes]
-
-    def slice(self, key: str, index, stop: int | None = None):
-        """Rows [index, stop) when ``stop`` is given, else ``tensor[index]``."""
-        return self.pieces(key, [slice(index, stop) if stop is not None else index])[0]
-
-    def read(self, key: str):
-        """The whole tensor (for small ones: adapter matrices, scalars)."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.folder / self.metas[key].file), framework="pt") as handle:
-            return handle.get_tensor(key)
-
-    def exact(self, key: str) -> bool:
-        return True  # stored bytes
-
-    def close(self) -> None:
-        pass  # nothing stays open between reads
-
-
-class LoadedTensors:
-    """Legacy pickle files (adapter_model.bin, pytorch_model*.bin), loaded whole (a pickle has no
-    header to seek in), with LibraryTensors' interface."""
-
-    def __init__(self, *paths: Path):
-        from .engines.stream import PickledTensors
-
-        self.state = PickledTensors(*paths).state
-
-    def pieces(self, key: str, indexes: list) -> list:
-        return [self.state[key][index] for index in indexes]
-
-    def slice(self, key: str, index, stop: int | None = None):
-        return self.state[key][slice(index, stop) if stop is not None else index]
-
-    def read(self, key: str):
-        return self.state[key]
-
-    def exact(self, key: str) -> bool:
-        return True
-
-    def close(self) -> None:
-        self.state = {}
-
-
-class WholeTensors:
-    """LibraryTensors' interface over a reader of whole tensors (stage_reference.ComputedStage: what an
-    earlier stage of a stack wrote, recomputed); blocks are cut from the last tensor read, kept."""
-
-    def __init__(self, source):
-        self.source, self.key, self.tensor = source, None, None
-
-    def read(self, key: str):
-        if key != self.key:
-            self.key, self.tensor = None, None  # one tensor at a time
-            self.tensor, self.key = self.source.read(key), key
-        return self.tensor
-
-    def pieces(self, key: str, indexes: list) -> list:
-        tensor = self.read(key)
-        return [tensor[index] for index in indexes]
-
-    def slice(self, key: str, index, stop: int | None = None):
-        return self.read(key)[slice(index, stop) if stop is not None else index]
-
-    def exact(self, key: str) -> bool:
-        """True when the stages left the base's bytes as they were (copies compare bit for bit)."""
-        return self.source.exact(key)
-
-    def close(self) -> None:
-        self.key = self.tensor = None
-        self.source.close()
-
-
-def open_base(plan: MergePlan):
-    """The tensors ``plan`` starts from, read independently of the engines: the base checkpoint (a
-    quantized one as the dequantized model it stands for), or for a later stage of a stack, the
-    earlier stages' output recomputed from the base."""
-    if plan.previous is not None:
-        from .stage_reference import ComputedStage
-
-        return WholeTensors(ComputedStage(plan.previous))
-    from .engines.dequant_source import dequantized_reference
-
-    return dequantized_reference(plan.base) or open_independently(plan.base.folder, plan.base.tensors)
-
-
-def open_independently(folder: Path, metas: dict):
-    """A reader of a folder's tensors that shares no code with the stream engine's."""
-    files = sorted({m.file for m in metas.values()})
-    if all(name.endswith(".safetensors") for name in files):
-        return LibraryTensors(folder, metas)
-    return LoadedTensors(*(folder / name for name in files))

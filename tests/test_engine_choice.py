@@ -130,7 +130,8 @@ def test_lora_on_stacked_moe_experts_is_merged_and_proven_by_logits(tmp_path, en
 
     result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out", engine=engine)  # validate: the default, fast
     assert result.engine == ("stream" if engine == "auto" else "peft")
-    assert result.validation.mode == "full" and result.validation.metrics["logits_checked"] is True
+    # the stacked-expert pairs have their own per-module check: fast stays fast on the stream engine
+    assert result.validation.mode == "fast" and result.validation.metrics["modules_checked"] == 8
     assert not result.plan.parameter_lora and sum(1 for op in result.plan.ops if op.expert) == 2 * 4 * 3
     ids = sample_input_ids(sc)
     merged = model_class(result.out).from_pretrained(result.out, dtype=torch.float32).eval()

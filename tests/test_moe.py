@@ -136,3 +136,26 @@ def test_an_expert_missing_from_the_checkpoint_is_refused_not_left_untrained(tmp
     err = capsys.readouterr().err
     assert "model.layers.1.mlp.experts.gate_up_proj" in err and "no tensor for expert 2 (mlp.experts.*.up_proj.weight)" in err, err
     assert not out.exists()
+
+
+def test_validation_catches_an_expert_whose_update_went_missing(tmp_path, monkeypatch):
+    """The per-expert check is a second opinion: an engine that drops one expert's update fails it."""
+    import merger.engines.stream as stream
+    import merger.validate as validate
+    from merger import merge_adapter
+    from merger.errors import ValidationFailedError
+
+    build_expert_lora(tmp_path)
+    real = stream.OpRunner._expert_factors
+
+    def drop_expert_two(self, op):
+        factors = real(self, op)
+        if op.expert is not None and op.expert.expert == 2:
+            return factors[0] * 0, factors[1]
+        return factors
+
+    monkeypatch.setattr(stream.OpRunner, "_expert_factors", drop_expert_two)
+    monkeypatch.setattr(validate, "SAMPLED_MODULES", 1000)  # every expert tensor checked
+    with pytest.raises(ValidationFailedError, match=r"experts\.2\.(gate|up|down)_proj\.weight: W_merged·x differs"):
+        merge_adapter(tmp_path / "base", tmp_path / "adapter", tmp_path / "out", engine="stream", quiet=True)
+    assert not (tmp_path / "out").exists()

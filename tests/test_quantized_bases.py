@@ -15,8 +15,8 @@ measured 0.5-1.5e-2); tensors the adapter leaves alone equal transformers' dequa
 bit for bit; every stored tensor is consumed once; the plan says what was dequantized; files that
 do not fit together are refused in one line with exit 2 and nothing written.
 
-validate.py reads the base through ``dequant_source.dequantized_reference`` once its owner wires the
-hook in; until then the ``reference_hook`` fixture puts it in place (see the xfail test at the end).
+Validation reads the base through ``dequant_source.dequantized_reference`` (validate.open_base), a
+path that shares no code with the stream engine's dequantizing reader.
 """
 
 from __future__ import annotations
@@ -208,21 +208,6 @@ def gpt_oss_case(tmp_path_factory):
     return root, stored
 
 
-@pytest.fixture
-def reference_hook(monkeypatch):
-    """Validation reads a dequantized base through dequant_source.dequantized_reference, as validate.py's
-    open_base is to do (harmless once it does)."""
-    import merger.validate as validate
-
-    original = validate.open_base
-
-    def open_base(plan):
-        reader = dequantized_reference(plan.base) if plan.previous is None else None
-        return reader if reader is not None else original(plan)
-
-    monkeypatch.setattr(validate, "open_base", open_base)
-
-
 # --------------------------------------------------------------------------- what the output must be
 
 
@@ -276,7 +261,7 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 
 @pytest.mark.parametrize("adapter", ["lora", "tokens"])
-def test_fp8_base_merges_to_bf16_equal_to_peft_on_transformers_dequantized_base(fp8_case, reference_hook, tmp_path, adapter):
+def test_fp8_base_merges_to_bf16_equal_to_peft_on_transformers_dequantized_base(fp8_case, tmp_path, adapter):
     root, stored = fp8_case
     out = tmp_path / "out"
     result = merger.merge_adapter(root / "base", root / adapter, out, engine="stream", validate="full", quiet=True)
@@ -311,7 +296,7 @@ def test_fp8_plan_reads_every_stored_tensor_once_and_says_what_it_dequantized(fp
             "values with the update folded in") in plan.notes
 
 
-def test_fp8_peft_engine_loads_transformers_dequantization(fp8_case, reference_hook, tmp_path):
+def test_fp8_peft_engine_loads_transformers_dequantization(fp8_case, tmp_path):
     root, _ = fp8_case
     out = tmp_path / "out"
     result = merger.merge_adapter(root / "base", root / "tokens", out, engine="peft", validate="full", quiet=True)
@@ -320,7 +305,7 @@ def test_fp8_peft_engine_loads_transformers_dequantization(fp8_case, reference_h
     assert_full_precision_output(out)
 
 
-def test_fp8_partial_edge_blocks_merge_by_the_definition(partial_case, reference_hook, tmp_path):
+def test_fp8_partial_edge_blocks_merge_by_the_definition(partial_case, tmp_path):
     from transformers import AutoModelForCausalLM, FineGrainedFP8Config
 
     root, stored = partial_case
@@ -348,7 +333,7 @@ def test_fp8_partial_edge_blocks_merge_by_the_definition(partial_case, reference
 # --------------------------------------------------------------------------- MXFP4 (gpt-oss)
 
 
-def test_gpt_oss_mxfp4_base_merges_to_bf16_equal_to_peft_on_transformers_dequantized_base(gpt_oss_case, reference_hook,
+def test_gpt_oss_mxfp4_base_merges_to_bf16_equal_to_peft_on_transformers_dequantized_base(gpt_oss_case,
                                                                                           tmp_path):
     root, stored = gpt_oss_case
     out = tmp_path / "out"
@@ -366,7 +351,7 @@ def test_gpt_oss_mxfp4_base_merges_to_bf16_equal_to_peft_on_transformers_dequant
     assert logits_error(out, transformers_dequantized(root / "base"), root / "lora") <= BF16_LOGITS_TOL
 
 
-def test_gpt_oss_peft_engine(gpt_oss_case, reference_hook, tmp_path):
+def test_gpt_oss_peft_engine(gpt_oss_case, tmp_path):
     root, _ = gpt_oss_case
     result = merger.merge_adapter(root / "base", root / "lora", tmp_path / "out", engine="peft", validate="full", quiet=True)
     assert result.validation.ok, result.validation
@@ -528,13 +513,7 @@ def test_mxfp4_blocks_without_scales_are_refused(gpt_oss_case, tmp_path, capsys)
     assert not out.exists()
 
 
-# --------------------------------------------------------------------------- pending integration
-
-
-@pytest.mark.xfail(reason="validate.py's open_base must read a dequantized base through "
-                          "merger.engines.dequant_source.dequantized_reference(plan.base) (validate.py is being rewritten)",
-                   strict=False)
-def test_validation_reads_the_dequantized_base_without_the_test_hook(fp8_case, tmp_path):
+def test_validation_reads_the_dequantized_base(fp8_case, tmp_path):
     root, _ = fp8_case
     result = merger.merge_adapter(root / "base", root / "lora", tmp_path / "out", engine="stream", validate="fast",
                                   quiet=True)

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import merger.validate as validate
+import merger.validation_io as validation_io
 from merger import merge_adapter, validate_checkpoint
 
 ROW = 32 * 4  # one float32 row of the demo model (hidden size 32)
@@ -34,7 +35,7 @@ def broken(merged, tmp_path):
 @pytest.fixture
 def small_blocks(monkeypatch):
     """Two rows of the demo model per block."""
-    monkeypatch.setattr(validate, "BLOCK_BYTES", 2 * ROW)
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", 2 * ROW)
 
 
 def edit_weights(out, change):
@@ -58,7 +59,7 @@ def message(report, code):
 
 @pytest.mark.parametrize("shape,block", [((7, 5), 40), ((2, 3, 8), 32), ((2, 3, 8), 4), ((11,), 12), ((3, 0), 8), ((4, 1), 1)])
 def test_index_blocks_cover_every_element_once_within_a_block(monkeypatch, shape, block):
-    monkeypatch.setattr(validate, "BLOCK_BYTES", block)
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", block)
     seen = torch.zeros(shape, dtype=torch.int64)
     for index in validate.index_blocks(shape):
         piece = seen[index]
@@ -98,7 +99,7 @@ def test_a_good_merge_passes_at_any_block_size(scenario_cache, tmp_path, monkeyp
     result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out", validate="off", engine=engine)
     reports = []
     for block in (16 << 20, 4 * ROW, 1):
-        monkeypatch.setattr(validate, "BLOCK_BYTES", block)
+        monkeypatch.setattr(validation_io, "BLOCK_BYTES", block)
         reports.append(validate.validate_output(result.out, result.plan, "fast"))
     whole = reports[0]
     assert whole.ok, whole.findings
@@ -114,7 +115,7 @@ def test_validation_reads_nothing_bigger_than_a_block(merged, monkeypatch):
     LoRA matrices only."""
     base, adapter, out = merged
     block = 4 * ROW
-    monkeypatch.setattr(validate, "BLOCK_BYTES", block)
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", block)
     pieces, wholes = [], []
     real_pieces, real_read = validate.LibraryTensors.pieces, validate.LibraryTensors.read
 
@@ -146,7 +147,7 @@ def test_validation_reads_nothing_bigger_than_a_block(merged, monkeypatch):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_non_finite_in_a_late_block(broken, monkeypatch, key, where, value):
     base, adapter, out = broken
-    monkeypatch.setattr(validate, "BLOCK_BYTES", 16)  # 4 elements per block: a row of 32 spans 8 blocks
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", 16)  # 4 elements per block: a row of 32 spans 8 blocks
     edit_weights(out, lambda t: t[key].__setitem__(where, value))
     codes, report = findings(out, base, adapter)
     assert "non-finite" in codes
@@ -175,7 +176,7 @@ def test_lost_last_new_token_row(broken, small_blocks, key):
 
 def test_copy_differs_in_the_last_block(broken, monkeypatch):
     base, adapter, out = broken
-    monkeypatch.setattr(validate, "BLOCK_BYTES", 16)  # 4 elements of the 32-element norm per block
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", 16)  # 4 elements of the 32-element norm per block
     edit_weights(out, lambda t: t["model.norm.weight"][-1].add_(1.0))
     codes, report = findings(out, base, adapter)
     assert codes == {"copy-differs"}
@@ -187,7 +188,7 @@ def test_conv1d_lora_lost_in_the_last_input_rows(scenario_cache, tmp_path, monke
     """GPT-2 Conv1D weights are (in, out): blocks run over input rows and their products are summed."""
     sc = scenario_cache("gpt2_conv1d")
     result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out", validate="off", engine="stream")
-    monkeypatch.setattr(validate, "BLOCK_BYTES", 4 * 96 * 4)
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", 4 * 96 * 4)
     op = next(op for op in validate._sample([op for op in result.plan.ops if op.lora]) if op.lora.kind == "conv1d" and op.shape[0] > 8)
     base_w = load_file(next(sc.base_dir.glob("*.safetensors")))[op.base_key]
     shard = next(p for p in result.out.glob("*.safetensors") if op.out_key in load_file(p))
@@ -205,7 +206,7 @@ def test_dora_magnitude_lost_in_a_late_block(scenario_cache, tmp_path, monkeypat
     sc = scenario_cache(name)
     engine = "peft" if name == "dora_on_embedding" else "stream"
     result = merge_adapter(sc.base_dir, sc.adapter_dir, tmp_path / "out", validate="off", engine=engine)
-    monkeypatch.setattr(validate, "BLOCK_BYTES", 2 * ROW)
+    monkeypatch.setattr(validation_io, "BLOCK_BYTES", 2 * ROW)
     op = next(op for op in validate._sample([op for op in result.plan.ops if op.lora])
               if op.lora.magnitude_key and (op.lora.kind == "embedding") == (name == "dora_on_embedding"))
     shard = next(p for p in result.out.glob("*.safetensors") if op.out_key in load_file(p))
