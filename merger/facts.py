@@ -3,6 +3,8 @@ two adapter matrices whose equality decides tying); decisions are left to plan.p
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +60,9 @@ def non_finite_tensors(adapter: AdapterInfo) -> tuple[str, ...]:
                 j = min(rows, i + step)
                 block = buffers.take("check", (j - i,) + row_shape, reader.torch_dtype(key))
                 reader.read_rows(key, i, j, block)
-                if not torch.isfinite(block).all():
+                # a finite sum proves every element finite (NaN propagates, an infinity is not cancelled)
+                # at a sixth of isfinite's cost; isfinite decides only when the sum may have overflowed
+                if not math.isfinite(float(block.sum(dtype=torch.float32))) and not torch.isfinite(block).all():
                     bad.append(key)
                     break
     finally:
