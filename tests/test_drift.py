@@ -74,7 +74,7 @@ def build_expert_lora(root, moe_intermediate: int = 24):
     from peft import LoraConfig, get_peft_model
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from .factories import make_tokenizer
+    from .factories import make_tokenizer, perturb_trainable
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=moe_intermediate,
@@ -85,11 +85,7 @@ def build_expert_lora(root, moe_intermediate: int = 24):
     model = Qwen3MoeForCausalLM.from_pretrained(root / "base")
     peft_model = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"],
                                                   target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, param in sorted(peft_model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_trainable(peft_model, seed=1, scale=0.1)
     ids = torch.tensor([[1, 5, 9, 17, 33, 60]])
     with torch.no_grad():
         truth = peft_model.eval()(input_ids=ids).logits
@@ -173,7 +169,7 @@ def build_gemma3_old_peft(root, kind: str, version: str | None):
 
     from merger.engines.peft import emulate_unscaled_embedding
 
-    from .factories import make_tokenizer
+    from .factories import make_tokenizer, perturb_trainable
 
     torch.manual_seed(0)
     config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -184,11 +180,7 @@ def build_gemma3_old_peft(root, kind: str, version: str | None):
     lora = (LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]) if kind == "lora" else
             LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 7, 60]))
     peft_model = get_peft_model(model, lora)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, param in sorted(peft_model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * 0.1)
+    perturb_trainable(peft_model, seed=1, scale=0.1)
     peft_model.eval()
     ids = torch.tensor([[1, 3, 7, 9, 17, 33, 60]])
     with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from merger.peft_types import CANNOT_MERGE, MERGED_BY_PEFT
 
-from .factories import EMBED_AND_HEAD, llama_config, make_tokenizer
+from .factories import EMBED_AND_HEAD, llama_config, make_tokenizer, perturb_trainable
 
 FP32_TOL = 1e-5  # merged vs unmerged in fp32: the same products in another order
 PROBE = torch.tensor([[1, 5, 9, 17, 33, 60, 63, 2]])
@@ -59,11 +59,7 @@ def build(root, peft_type: str, added: int = 0, modules_to_save=None):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft_model = get_peft_model(model, config)
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _, param in sorted(peft_model.named_parameters()):
-                if param.requires_grad:
-                    param.add_(torch.randn(param.shape, generator=gen) * 0.2)
+        perturb_trainable(peft_model, seed=1, scale=0.2)
         peft_model.eval()
         ids = torch.tensor([list(PROBE[0]) + list(range(64, 64 + added))])
         with torch.no_grad():
