@@ -96,6 +96,11 @@ def convert_with_initial(adapter_dir: Path, initial_dir: Path, target: Path, tok
                                 "convert; merge without --initial-adapter")
     trained_file, trained = read_adapter_tensors(adapter_dir)
     initial_file, initial = read_adapter_tensors(initial_dir)
+    embedding = next((k for k in trained if (p := parse_adapter_key(k)) and p.role.startswith("lora_embedding")), None)
+    if embedding:
+        raise IncompatibleError(f"--initial-adapter: {adapter_dir} trains an embedding with LoRA ({short(embedding)}), which "
+                                "PEFT's conversion does not carry (it converts Linear LoRA only), so there is no converted "
+                                "model to reproduce; merge it into its residual base with --residual-base")
     ignored = pair_initial_tensors(trained, initial, adapter_dir, initial_dir)
     if ignored:
         log.info("--initial-adapter: %d tensors of %s are not LoRA pairs (copies saved at init); the conversion ignores them, "

@@ -182,7 +182,7 @@ def _plan_stage(previous: MergePlan | None, base_dir: Path, source, adapter_dir:
     drifted, drift_notes, drift_problems = _drift(adapter_facts, layout, source, base_dir, workspace)
     if drifted is not adapter_facts:
         adapter_facts, equal = drifted, embed_head_equal(drifted, layout)
-    plan = plan_merge(base, adapter_facts, layout, stage_opts, equal)
+    plan = plan_merge(base, adapter_facts, layout, stage_opts, equal, intermediate=number < count)
     plan = dataclasses.replace(plan, notes=tuple(drift_notes) + plan.notes, problems=tuple(drift_problems) + plan.problems)
     if non_finite:  # first: nothing else about a diverged adapter matters
         names = ", ".join(non_finite[:3]) + (f" and {len(non_finite) - 3} more" if len(non_finite) > 3 else "")

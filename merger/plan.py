@@ -149,7 +149,8 @@ class MergePlan:
 
 
 def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, options: MergeOptions,
-               embed_head_equal: bool | None = None) -> MergePlan:
+               embed_head_equal: bool | None = None, intermediate: bool = False) -> MergePlan:
+    """``intermediate``: a stage before the last of a stack (its output is what the next stage trained on)."""
     groups = group_adapter_tensors(adapter, layout)
     problems = list(groups.problems) + adapter_problems(adapter, layout, options)
     quantized = quantization_problem(base, adapter)
@@ -160,7 +161,7 @@ def plan_merge(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, 
     if drift_problem:
         problems.append(drift_problem)
     untie = "the head keeps the unscaled matrix it was trained with" if drift and drift.kind == "tokens" else None
-    vocab = decide_vocabulary(base, adapter, layout, groups, options, embed_head_equal, untie)
+    vocab = decide_vocabulary(base, adapter, layout, groups, options, embed_head_equal, untie, intermediate)
     problems.extend(vocab.problems)
     experts = plan_expert_lora(base, adapter, layout, expert_pairs(adapter, layout, groups.parameter_owner))
     problems.extend(experts.problems)

@@ -71,8 +71,11 @@ def base_rows(base: CheckpointInfo, layout: ModelLayout) -> tuple[int | None, in
 
 
 def decide_vocabulary(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-                      options: MergeOptions, embed_head_equal: bool | None, untie: str | None = None) -> VocabularyPlan:
-    """``untie``: why the output must untie a tied base whatever the adapter changes (a drift), or None."""
+                      options: MergeOptions, embed_head_equal: bool | None, untie: str | None = None,
+                      intermediate: bool = False) -> VocabularyPlan:
+    """``untie``: why the output must untie a tied base whatever the adapter changes (a drift), or None.
+    ``intermediate``: a stage before the last of a stack, whose output is the model the next stage
+    was trained on (the pipeline's merge), not the trained model itself."""
     embed_mod, head_mod = layout.embed_module, layout.head_module
     embed_w = f"{embed_mod}.weight" if embed_mod else None
     head_w = f"{head_mod}.weight" if head_mod else None
@@ -131,7 +134,11 @@ def decide_vocabulary(base: CheckpointInfo, adapter: AdapterInfo, layout: ModelL
                 "pass --tokenizer base or the tokenizer used in training"
             )
 
-    tie, tie_notes = decide_tie(adapter, layout, groups, embed_head_equal)
+    tie, tie_notes = decide_tie(adapter, layout, groups, embed_head_equal, intermediate)
+    if intermediate and layout.tied and "lora_A" in groups.roles(layout.head_module):
+        problems.append(f"{layout.head_module}: a LoRA on the tied head in a stage before the last; the pipeline's "
+                        "merge_and_unload wrote it into the matrix the embedding shares, which merger does not reproduce: "
+                        "merge that stage on its own first and stack the rest on its output")
     if untie and tie and layout.tied:
         tie, tie_notes = False, [f"{layout.head_module} and {module_leaf(layout.embed_module)} were tied in the base; the "
                                  f"output is untied: {untie}"]
@@ -151,12 +158,22 @@ def embed_replaces_shared_layer(adapter: AdapterInfo, layout: ModelLayout, group
 
 
 def decide_tie(adapter: AdapterInfo, layout: ModelLayout, groups: AdapterGroups,
-               embed_head_equal: bool | None) -> tuple[bool, list[str]]:
-    """Whether the output keeps a tied base's head tied: only when the adapter changes both alike."""
+               embed_head_equal: bool | None, intermediate: bool = False) -> tuple[bool, list[str]]:
+    """Whether the output keeps a tied base's head tied: only when the adapter changes both alike.
+
+    A LoRA on the embedding of a tied model changes only the embedding's forward, so the trained
+    model's head is the base's: the output unties. But an earlier stage of a stack reproduces the
+    pipeline's merge, which PEFT's merge_and_unload writes into the shared matrix: it stays tied
+    (head and embedding both W + ΔW), as the next stage was trained on it."""
     if not layout.tied:
         return False, []
     head_changes = {r for r in groups.roles(layout.head_module) if r != "original_weight"}
     embed_changes = {r for r in groups.roles(layout.embed_module) if r != "original_weight"}
+    lora_pair = {"lora_embedding_A", "lora_embedding_B"}
+    shared_full = "full_weight" not in embed_changes or embed_replaces_shared_layer(adapter, layout, groups)
+    if intermediate and not head_changes and lora_pair <= embed_changes <= lora_pair | {"full_weight"} and shared_full:
+        return True, [f"{module_leaf(layout.embed_module)}'s LoRA is merged into the matrix it shares with "
+                      f"{layout.head_module}, as the pipeline's merge_and_unload did before the next stage trained"]
     if adapter.config.get("ensure_weight_tying") or adapter.config.get("modules_to_tie"):
         tie = True
     elif not head_changes and embed_changes <= {"trainable_tokens"}:

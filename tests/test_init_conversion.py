@@ -131,3 +131,25 @@ def test_an_initial_adapter_of_another_run_is_refused(run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "another rank or model" in err and err.count("\n") == 1, err
     assert not out.exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_an_embedding_lora_cannot_be_converted_and_says_so(run, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from merger.cli import main
+
+    _, root, _ = run
+    adapter = tmp_path / "with-embedding"
+    shutil.copytree(root / "unconverted", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    weights["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(4, 64)
+    weights["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(32, 4)
+    save_file(weights, adapter / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    assert main(["--base", str(root / "base"), "--adapter", str(adapter), "--initial-adapter", str(root / "pissa_init"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "PEFT's conversion does not carry" in err and "--residual-base" in err and err.count("\n") == 1, err
+    assert not out.exists()

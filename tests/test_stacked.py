@@ -111,3 +111,24 @@ def test_the_cli_repeats_adapter_and_a_config_file_lists_stages(pipeline, tmp_pa
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "stage 1 (pt)" in text and "stage 3 (dpo)" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine", ["stream", "peft"])
+def test_an_earlier_stage_with_lora_on_a_tied_embedding_stays_tied_as_the_pipeline_merged_it(tmp_path, engine):
+    """merge_and_unload writes an embedding LoRA into the matrix a tied head shares: the next stage was
+    trained on that tied model (a last stage unties instead: its trained head never saw the update)."""
+    from merger import merge_adapter
+
+    from .factories import StageSpec, build_stack
+
+    stack = build_stack(tmp_path / "stack", [
+        StageSpec("pt", dict(target_modules=["embed_tokens", "q_proj"]), words=("gene",), pad_to_multiple_of=8),
+        StageSpec("sft", dict(target_modules=["q_proj", "v_proj"]), save_tokenizer=False),
+    ], tied=True)
+    out = tmp_path / "out"
+    result = merge_adapter(stack.base_dir, stack.adapter_dirs, out, engine=engine, quiet=True)
+    assert result.validation.ok and [s.tie_word_embeddings for s in result.plan.stages] == [True, True]
+    ids = probe(stack)
+    expected, got = truth_logits(stack, ids), merged_logits(out, ids)
+    assert ((got - expected).abs().max() / expected.abs().max()).item() < FP32_TOL
