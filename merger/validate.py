@@ -27,7 +27,7 @@ from .validation_io import (  # noqa: F401 (LibraryTensors, index_blocks: re-exp
     ErrorNorm,
     LibraryTensors,
     StartRows,
-    all_finite,
+    non_finite_tensors,
     gather,
     index_blocks,
     open_base,
@@ -264,7 +264,7 @@ def _check_structure(out_dir: Path, plan: MergePlan, reader: OutputReader, repor
 
 
 def _check_values(plan: MergePlan, reader: OutputReader, report: ValidationReport) -> None:
-    bad = [name for name, meta in reader.disk.items() if meta.dtype in FLOAT_TAGS and not all_finite(reader.tensors, name, meta.shape)]
+    bad = non_finite_tensors(reader.tensors, reader.disk, {name for name, meta in reader.disk.items() if meta.dtype in FLOAT_TAGS})
     for name in bad:
         report.fail("non-finite", f"{name}: holds NaN or Inf values")
     report.checks.append("every tensor finite")

@@ -56,21 +56,48 @@ def index_blocks(shape):
 
 
 def all_finite(tensors, name: str, shape) -> bool:
-    import torch
-
     if not shape:
         blocks = (tensors.read(name),)
     else:
         blocks = (tensors.slice(name, index) for index in index_blocks(shape))
-    for block in blocks:
-        if block.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-            block = block.float()  # float8: sums and isfinite are defined on the wider types
-        # a sum is finite only when every element is (NaN propagates; an infinity is not cancelled by
-        # finite values, and +inf + -inf is NaN) and costs a sixth of isfinite, which decides only
-        # when the sum is not finite (it may have overflowed)
-        if not math.isfinite(float(block.sum())) and not torch.isfinite(block).all():
-            return False
-    return True
+    return all(block_finite(block) for block in blocks)
+
+
+def block_finite(block) -> bool:
+    import torch
+
+    if block.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        block = block.float()  # float8: sums and isfinite are defined on the wider types
+    # a sum is finite only when every element is (NaN propagates; an infinity is not cancelled by
+    # finite values, and +inf + -inf is NaN) and costs a sixth of isfinite, which decides only
+    # when the sum is not finite (it may have overflowed)
+    return math.isfinite(float(block.sum())) or bool(torch.isfinite(block).all())
+
+
+def non_finite_tensors(tensors, metas: dict, floating: set[str]) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf, read in blocks. Tensors smaller than a block
+    are read in groups from one opening of their file (an MoE checkpoint has thousands of small
+    expert tensors: opening the file for each, which parses its header, dominated the check)."""
+    bad, group, size = [], [], 0
+
+    def flush():
+        nonlocal group, size
+        if group:
+            bad.extend(name for name, block in zip(group, tensors.wholes(group)) if not block_finite(block))
+        group, size = [], 0
+
+    grouped = hasattr(tensors, "wholes")
+    for name in sorted(floating, key=lambda n: (metas[n].file, metas[n].offset)):
+        meta = metas[name]
+        if grouped and meta.shape and meta.nbytes * 2 <= BLOCK_BYTES:
+            if group and (metas[group[0]].file != meta.file or size + meta.nbytes * 2 > BLOCK_BYTES):
+                flush()
+            group.append(name)
+            size += meta.nbytes * 2
+        elif not all_finite(tensors, name, meta.shape):
+            bad.append(name)
+    flush()
+    return sorted(bad)
 
 
 def _runs(indices) -> list[tuple[int, int]]:
@@ -189,6 +216,13 @@ class LibraryTensors:
 
         with safe_open(str(self.folder / self.metas[key].file), framework="pt") as handle:
             return handle.get_tensor(key)
+
+    def wholes(self, keys: list[str]) -> list:
+        """Several small tensors of one file, whole, from one opening of it (copies: the mapping goes with the handle)."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.folder / self.metas[keys[0]].file), framework="pt") as handle:
+            return [handle.get_tensor(key).clone() for key in keys]
 
     def exact(self, key: str) -> bool:
         return True  # stored bytes

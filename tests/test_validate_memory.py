@@ -217,3 +217,20 @@ def test_dora_magnitude_lost_in_a_late_block(scenario_cache, tmp_path, monkeypat
     report = validate.validate_output(result.out, result.plan, "fast")
     assert "lora-not-merged" in {f.code for f in report.findings}
     assert any(f.message.startswith(f"{op.out_key}: W_merged·x differs") for f in report.findings)
+
+
+def test_small_tensors_read_in_groups_are_each_checked(tmp_path):
+    """Tensors under a block are read many per opening of their file; a bad value in any of them is named."""
+    from merger.validation_io import LibraryTensors, non_finite_tensors
+    from merger.tensors import read_safetensors_header
+
+    tensors = {f"t{i}": torch.randn(8, 8) for i in range(40)}
+    tensors["t7"][2, 2] = float("inf")
+    tensors["t33"][0, 1] = float("nan")
+    save_file(tensors, tmp_path / "model.safetensors")
+    metas = read_safetensors_header(tmp_path / "model.safetensors")
+    reader, opened = LibraryTensors(tmp_path, metas), []
+    real = reader.wholes
+    reader.wholes = lambda keys: opened.append(len(keys)) or real(keys)
+    assert non_finite_tensors(reader, metas, set(metas)) == ["t33", "t7"]
+    assert opened == [40]  # one opening for all of them
