@@ -13,6 +13,15 @@ output read back and checked), and the PEFT engine with `--validate` (default of
 
     python scripts/bench.py                      # 1.1B, 3 repetitions
     python scripts/bench.py --shape 3b --reps 2  # ~3B: the stream engine's memory must not grow
+    python scripts/bench.py --shape moe --reps 1 # ~3.3B Qwen3-MoE, 64 experts, expert LoRA
+
+The MoE shape is a Qwen3-MoE (Qwen3-30B-A3B's hidden size, head_dim, kv heads and vocabulary, 16 query heads; 24 layers of
+64 experts with moe_intermediate_size 256, 8 active; ~3.3B parameters, 6.6 GB bf16 in ~1 GB shards)
+in the layout transformers 5 saves it (one tensor per expert and projection,
+``model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight``), with the adapter PEFT 0.21 saves for
+transformers 5's fused experts: r=16 on q/k/v/o_proj plus ``target_parameters`` mlp.experts.gate_up_proj
+and mlp.experts.down_proj (the nested ParamWrapper keys ``mlp.experts.base_layer.lora_A`` for
+gate_up_proj, ``mlp.experts.lora_A`` for down_proj, A of (E*r, in), B of (out, E*r)).
 """
 
 from __future__ import annotations
@@ -34,10 +43,118 @@ SHAPES = {
     "3b": (3200, 8640, 26, 32, 32),  # OpenLLaMA-3B
     "tiny": (256, 688, 4, 8, 2),  # for a quick check of the script itself
 }
+MOE_SHAPES = {
+    # hidden, moe_intermediate, layers, heads, kv heads, head_dim, experts, active, vocab
+    "moe": (2048, 256, 24, 16, 4, 128, 64, 8, 151936),
+    "moe-tiny": (128, 64, 3, 4, 2, 32, 8, 2, 1000),  # for a quick check of the script itself
+}
+MOE_RANK = 16
 BASE_VOCAB, NEW_VOCAB, RANK = 32000, 33296, 64
 
 
+class Shards:
+    """Base shards of about 1 GB, written as they fill, renamed to -of-N with an index at the end."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.shard, self.size, self.names, self.weight_map = folder, {}, 0, [], {}
+
+    def flush(self):
+        from safetensors.torch import save_file
+
+        if self.shard:
+            name = f"model-{len(self.names) + 1:05d}.safetensors"
+            save_file(self.shard, self.folder / name, metadata={"format": "pt"})
+            self.names.append(name)
+            self.weight_map.update({k: name for k in self.shard})
+            self.shard, self.size = {}, 0
+
+    def add(self, name, tensor):
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.size + nbytes > 1_000_000_000:
+            self.flush()
+        self.shard[name] = tensor
+        self.size += nbytes
+
+    def finish(self):
+        self.flush()
+        total, renamed = len(self.names), {}
+        for index, name in enumerate(self.names, 1):
+            renamed[name] = f"model-{index:05d}-of-{total:05d}.safetensors"
+            (self.folder / name).rename(self.folder / renamed[name])
+        weight_map = {k: renamed[v] for k, v in self.weight_map.items()}
+        (self.folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+
+
+def build_moe(folder: Path, shape: str) -> tuple[Path, Path]:
+    """A Qwen3-MoE base as transformers 5 saves it and an expert-LoRA adapter as PEFT 0.21 saves it."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    hidden, inter, layers, heads, kv, head_dim, experts, active, vocab = MOE_SHAPES[shape]
+    r = MOE_RANK
+    base, adapter = folder / "base", folder / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16, std=0.02):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    config = Qwen3MoeConfig(
+        hidden_size=hidden, intermediate_size=3 * hidden, moe_intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, num_experts=experts,
+        num_experts_per_tok=active, vocab_size=vocab, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, tie_word_embeddings=False, max_position_embeddings=4096,
+        bos_token_id=min(151643, vocab - 2), eos_token_id=min(151645, vocab - 1), torch_dtype="bfloat16", architectures=["Qwen3MoeForCausalLM"])
+    config.save_pretrained(base)
+    attention = {
+        "q_proj": (heads * head_dim, hidden), "k_proj": (kv * head_dim, hidden),
+        "v_proj": (kv * head_dim, hidden), "o_proj": (hidden, heads * head_dim),
+    }
+    shards, lora = Shards(base), {}
+    shards.add("model.embed_tokens.weight", rand(vocab, hidden))
+    for i in range(layers):
+        layer = f"model.layers.{i}"
+        for name, (out_f, in_f) in attention.items():
+            shards.add(f"{layer}.self_attn.{name}.weight", rand(out_f, in_f))
+            prefix = f"base_model.model.{layer}.self_attn.{name}"
+            lora[f"{prefix}.lora_A.weight"] = rand(r, in_f, dtype=torch.float32)
+            lora[f"{prefix}.lora_B.weight"] = rand(out_f, r, dtype=torch.float32, std=0.002)
+        shards.add(f"{layer}.self_attn.q_norm.weight", torch.ones(head_dim, dtype=torch.bfloat16))
+        shards.add(f"{layer}.self_attn.k_norm.weight", torch.ones(head_dim, dtype=torch.bfloat16))
+        shards.add(f"{layer}.mlp.gate.weight", rand(experts, hidden))
+        for e in range(experts):
+            shards.add(f"{layer}.mlp.experts.{e}.gate_proj.weight", rand(inter, hidden))
+            shards.add(f"{layer}.mlp.experts.{e}.up_proj.weight", rand(inter, hidden))
+            shards.add(f"{layer}.mlp.experts.{e}.down_proj.weight", rand(hidden, inter))
+        shards.add(f"{layer}.input_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        shards.add(f"{layer}.post_attention_layernorm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+        # PEFT nests one ParamWrapper per target parameter: the first (gate_up_proj, fused (E, 2*inter, hidden))
+        # ends up as base_layer, the last (down_proj, (E, hidden, inter)) outermost
+        experts_prefix = f"base_model.model.{layer}.mlp.experts"
+        lora[f"{experts_prefix}.base_layer.lora_A.weight"] = rand(experts * r, hidden, dtype=torch.float32)
+        lora[f"{experts_prefix}.base_layer.lora_B.weight"] = rand(2 * inter, experts * r, dtype=torch.float32, std=0.002)
+        lora[f"{experts_prefix}.lora_A.weight"] = rand(experts * r, inter, dtype=torch.float32)
+        lora[f"{experts_prefix}.lora_B.weight"] = rand(hidden, experts * r, dtype=torch.float32, std=0.002)
+    shards.add("model.norm.weight", torch.ones(hidden, dtype=torch.bfloat16))
+    shards.add("lm_head.weight", rand(vocab, hidden))
+    shards.finish()
+
+    save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "peft_version": "0.21.2", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+        "lora_dropout": 0.0, "target_modules": list(attention),
+        "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"], "modules_to_save": None,
+        "base_model_name_or_path": "synthetic", "bias": "none", "fan_in_fan_out": False, "use_dora": False,
+        "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+    }, indent=2))
+    return base, adapter
+
+
 def build(folder: Path, shape: str) -> tuple[Path, Path]:
+    if shape in MOE_SHAPES:
+        return build_moe(folder, shape)
     import torch
     from safetensors.torch import save_file
 
@@ -129,7 +246,7 @@ def run_measured(cmd: list[str]) -> tuple[float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    parser.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="1b")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--workdir", help="where to build (default: a temporary folder)")
     parser.add_argument("--validate", default="off", choices=["off", "fast"],
