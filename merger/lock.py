@@ -28,6 +28,8 @@ def lock_path(out: Path) -> Path:
 def _holder_text(fd: int) -> str:
     try:
         holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        if not holder.get("pid"):  # locked, but its identity not written yet (or truncated by the next holder)
+            return "a run that has not yet said who it is"
         return (f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('started')}: "
                 f"{str(holder.get('command', ''))[:120]}")
     except (OSError, ValueError, AttributeError):
