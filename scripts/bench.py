@@ -85,6 +85,21 @@ class Shards:
         (self.folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
 
 
+def start_pair(folder: Path):
+    """The base and adapter folders, created, and a seeded generator of small bf16 weights."""
+    import torch
+
+    base, adapter = folder / "base", folder / "adapter"
+    base.mkdir(parents=True)
+    adapter.mkdir()
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.bfloat16, std=0.02):
+        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+
+    return base, adapter, rand
+
+
 def build_moe(folder: Path, shape: str) -> tuple[Path, Path]:
     """A Qwen3-MoE base as transformers 5 saves it and an expert-LoRA adapter as PEFT 0.21 saves it."""
     import torch
@@ -93,13 +108,7 @@ def build_moe(folder: Path, shape: str) -> tuple[Path, Path]:
 
     hidden, inter, layers, heads, kv, head_dim, experts, active, vocab = MOE_SHAPES[shape]
     r = MOE_RANK
-    base, adapter = folder / "base", folder / "adapter"
-    base.mkdir(parents=True)
-    adapter.mkdir()
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, dtype=torch.bfloat16, std=0.02):
-        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+    base, adapter, rand = start_pair(folder)
 
     config = Qwen3MoeConfig(
         hidden_size=hidden, intermediate_size=3 * hidden, moe_intermediate_size=inter, num_hidden_layers=layers,
@@ -160,13 +169,7 @@ def build(folder: Path, shape: str) -> tuple[Path, Path]:
 
     hidden, inter, layers, heads, kv = SHAPES[shape]
     head_dim = hidden // heads
-    base, adapter = folder / "base", folder / "adapter"
-    base.mkdir(parents=True)
-    adapter.mkdir()
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, dtype=torch.bfloat16, std=0.02):
-        return (torch.randn(*shape, generator=gen) * std).to(dtype)
+    base, adapter, rand = start_pair(folder)
 
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
