@@ -549,3 +549,20 @@ def medical_pipeline(root: Path, tied: bool = False) -> Stack:
                   pad_to_multiple_of=8),  # 67 + 7 -> 80 rows
         StageSpec("dpo", dict(target_modules=["q_proj", "k_proj", "v_proj", "down_proj"]), save_tokenizer=False),
     ], tied=tied)
+
+
+def mxfp4_checkpoint(model, scales: tuple[int, int], seed: int = 1) -> dict[str, torch.Tensor]:
+    """``model``'s state as gpt-oss ships it: stacked experts only as MXFP4 ``*_blocks`` (random codes)
+    and ``*_scales`` (E8M0 exponents drawn from ``scales``), everything else bf16."""
+    generator = torch.Generator().manual_seed(seed)
+    stored = {}
+    for key, value in model.state_dict().items():
+        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            experts, columns, rows = value.shape  # the parameter is (experts, in, out); stored (experts, out, groups, 16)
+            stored[key + "_blocks"] = torch.randint(0, 256, (experts, rows, columns // 32, 16), generator=generator,
+                                                    dtype=torch.uint8)
+            stored[key + "_scales"] = torch.randint(*scales, (experts, rows, columns // 32), generator=generator,
+                                                    dtype=torch.uint8)
+        else:
+            stored[key] = value.to(torch.bfloat16).contiguous()
+    return stored

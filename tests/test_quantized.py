@@ -33,6 +33,8 @@ from merger.quantized import (
     quantized_tensor_map,
 )
 
+from .factories import mxfp4_checkpoint
+
 REDOWNLOAD = "the checkpoint is corrupt or incomplete: download it again"
 
 
@@ -211,17 +213,7 @@ def write_mxfp4_gpt_oss(folder) -> dict[str, torch.Tensor]:
                           num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_local_experts=3,
                           num_experts_per_tok=2, layer_types=["full_attention"])
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    stored = {}
-    for key, value in GptOssForCausalLM(config).state_dict().items():
-        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, columns, rows = value.shape  # the parameter is (experts, in, out)
-            stored[key + "_blocks"] = torch.randint(0, 256, (experts, rows, columns // 32, 16), generator=generator,
-                                                    dtype=torch.uint8)
-            stored[key + "_scales"] = torch.randint(117, 135, (experts, rows, columns // 32), generator=generator,
-                                                    dtype=torch.uint8)
-        else:
-            stored[key] = value.to(torch.bfloat16).contiguous()
+    stored = mxfp4_checkpoint(GptOssForCausalLM(config), scales=(117, 135))
     save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
     quant = {"quant_method": "mxfp4", "modules_to_not_convert": [
         "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}

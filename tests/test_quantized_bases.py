@@ -35,10 +35,10 @@ from safetensors.torch import save_file
 import merger
 from merger.checkpoint import inspect_checkpoint_folder
 from merger.cli import main
-from merger.engines.dequant_source import DequantizedFiles, DequantizedLibrary, dequantized_reference
+from merger.engines.dequant_source import DequantizedFiles, DequantizedLibrary
 from merger.quantized import dequantize_fp8
 
-from .factories import make_tokenizer, perturb_trainable
+from .factories import make_tokenizer, mxfp4_checkpoint, perturb_trainable
 
 BF16_LOGITS_TOL = 3e-2  # validate.LOW_PRECISION_REL_TOL["bfloat16"]: relative to the logits' range
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
@@ -105,17 +105,7 @@ def write_mxfp4_gpt_oss(folder: Path) -> dict[str, torch.Tensor]:
                           max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0)
     torch.manual_seed(0)
-    generator = torch.Generator().manual_seed(1)
-    stored = {}
-    for key, value in GptOssForCausalLM(config).state_dict().items():
-        if key.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            experts, columns, rows = value.shape  # the parameter is (experts, in, out); stored (experts, out, groups, 16)
-            stored[key + "_blocks"] = torch.randint(0, 256, (experts, rows, columns // 32, 16), generator=generator,
-                                                    dtype=torch.uint8)
-            stored[key + "_scales"] = torch.randint(118, 124, (experts, rows, columns // 32), generator=generator,
-                                                    dtype=torch.uint8)
-        else:
-            stored[key] = value.to(torch.bfloat16).contiguous()
+    stored = mxfp4_checkpoint(GptOssForCausalLM(config), scales=(118, 124))
     folder.mkdir(parents=True)
     save_file(stored, str(folder / "model.safetensors"), metadata={"format": "pt"})
     quant = {"quant_method": "mxfp4", "modules_to_not_convert": [
